@@ -288,6 +288,15 @@ class LandmarkLlamaForCausalLM(LandmarkLlamaPreTrainedModel, LlamaForCausalLM):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    def prepare_inputs_for_generation(
+        self, input_ids, next_sequence_length=None, past_key_values=None, inputs_embeds=None, **kwargs
+    ):
+        """Without a KV cache every step re-reads the whole sequence: stock inputs, never sliced to new tokens."""
+        if inputs_embeds is not None:
+            raise NotImplementedError("generate() from inputs_embeds needs the block-retrieval cache; pass input_ids.")
+        kwargs.pop("position_ids", None)  # derived from the landmark layout
+        return super().prepare_inputs_for_generation(input_ids, **kwargs)
+
     def generate(self, *args, generation_config=None, **kwargs):
         """Stock generation; the landmark token is never emitted (the model inserts landmarks itself)."""
         suppressed = kwargs.get("suppress_tokens") or (generation_config or self.generation_config).suppress_tokens
@@ -315,8 +324,10 @@ def export_remote_code(save_directory):
     here = Path(__file__).parent
     files = {"modeling_landmark_llama.py": _KERNEL_IMPORT.sub(r"\1\2", Path(__file__).read_text(encoding="utf-8"))}
     for name in _RELATIVE_IMPORT.findall(files["modeling_landmark_llama.py"]):
-        source = next(path for path in (here / f"{name}.py", here / "kernels" / f"{name}.py") if path.exists())
-        files[f"{name}.py"] = source.read_text(encoding="utf-8")
+        candidates = [path for path in (here / f"{name}.py", here / "kernels" / f"{name}.py") if path.exists()]
+        if not candidates:
+            raise FileNotFoundError(f"modeling_landmark_llama imports .{name}, but {name}.py is not beside it or in kernels/.")
+        files[f"{name}.py"] = candidates[0].read_text(encoding="utf-8")
     for name, text in files.items():
         temporary = Path(save_directory) / f".{name}.tmp"
         temporary.write_text(text, encoding="utf-8")
