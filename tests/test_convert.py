@@ -1,0 +1,104 @@
+"""tools/convert_llama.py on a tiny random stock Llama written to disk."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+from landmark_llama.tools.convert_llama import convert_llama
+from landmark_llama.tools.tiny_llama import build_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def stock_folder(tmp_path_factory):
+    return build_tiny_llama(tmp_path_factory.mktemp("stock") / "llama")
+
+
+def test_conversion_adds_tokens_and_keeps_the_stock_model(stock_folder, tmp_path):
+    out = convert_llama(stock_folder, tmp_path / "landmark", block_size=6, retrieval_top_k=3)
+    config = json.loads((out / "config.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    stock_tokenizer = AutoTokenizer.from_pretrained(stock_folder)
+    assert config["model_type"] == "landmark_llama" and config["block_size"] == 6 and config["retrieval_top_k"] == 3
+    assert tokenizer.convert_ids_to_tokens(config["landmark_token_id"]) == "<landmark>"
+    assert tokenizer.pad_token == "<pad>" and config["pad_token_id"] == tokenizer.pad_token_id
+    assert config["vocab_size"] == len(tokenizer) == len(stock_tokenizer) + 2
+    assert sorted(p.name for p in out.glob("*.py")) == [
+        "configuration_landmark_llama.py", "landmark_attention.py", "modeling_landmark_llama.py"]
+
+    weights = load_file(out / "model.safetensors")
+    stock_weights = load_file(stock_folder / "model.safetensors")
+    old = len(stock_tokenizer)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        torch.testing.assert_close(weights[name][:old], stock_weights[name], atol=0, rtol=0)
+        for new_row in weights[name][old:]:
+            torch.testing.assert_close(new_row, stock_weights[name].mean(0))
+    assert {k for k in weights if k not in ("model.embed_tokens.weight", "lm_head.weight")} == {
+        k for k in stock_weights if k not in ("model.embed_tokens.weight", "lm_head.weight")}
+
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    stock = LlamaForCausalLM.from_pretrained(stock_folder).eval()
+    ids = tokenizer("the sky is blue", return_tensors="pt").input_ids  # 4 tokens: shorter than one block
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits[..., :old], stock(ids).logits, atol=1e-5, rtol=1e-5)
+        long_ids = tokenizer(" ".join(["the green grass and the blue sky"] * 4), return_tensors="pt").input_ids
+        assert model(long_ids).logits.isfinite().all()
+
+
+def test_an_existing_token_can_serve_as_landmark(stock_folder, tmp_path):
+    out = convert_llama(stock_folder, tmp_path / "landmark", landmark_token_id=7)
+    assert json.loads((out / "config.json").read_text())["landmark_token_id"] == 7
+
+
+def test_bad_inputs_are_refused(stock_folder, tmp_path):
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        convert_llama(tmp_path / "missing", tmp_path / "out")
+    with pytest.raises(ValueError, match="no config.json"):
+        convert_llama(tmp_path, tmp_path / "out")
+
+    not_llama = tmp_path / "mistral"
+    not_llama.mkdir()
+    (not_llama / "config.json").write_text(json.dumps({"model_type": "mistral"}))
+    with pytest.raises(ValueError, match="not a Llama checkpoint: config.json has model_type='mistral'"):
+        convert_llama(not_llama, tmp_path / "out")
+
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((stock_folder / "config.json").read_text())
+    (pickled / "pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(ValueError, match="pickle files can run code"):
+        convert_llama(pickled, tmp_path / "out")
+
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        convert_llama(stock_folder, tmp_path / "out", landmark_token_id=10_000)
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_model_is_kept_unless_overwrite(stock_folder, tmp_path):
+    out = convert_llama(stock_folder, tmp_path / "landmark", block_size=6)
+    before = (out / "config.json").read_text()
+    with pytest.raises(FileExistsError, match="already holds a model"):
+        convert_llama(stock_folder, out, block_size=12)
+    assert (out / "config.json").read_text() == before
+    convert_llama(stock_folder, out, block_size=12, overwrite=True)
+    assert json.loads((out / "config.json").read_text())["block_size"] == 12
+    assert [p.name for p in tmp_path.iterdir()] == ["landmark"]  # no staging folders left behind
+
+
+def test_a_failed_write_leaves_nothing_half_written(stock_folder, tmp_path, monkeypatch):
+    out = convert_llama(stock_folder, tmp_path / "landmark", block_size=6)
+    before = sorted(p.name for p in out.iterdir())
+
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("transformers.PreTrainedTokenizerBase.save_pretrained", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        convert_llama(stock_folder, out, block_size=12, overwrite=True)
+    with pytest.raises(OSError, match="disk full"):
+        convert_llama(stock_folder, tmp_path / "fresh")
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert json.loads((out / "config.json").read_text())["block_size"] == 6
+    assert [p.name for p in tmp_path.iterdir()] == ["landmark"]
