@@ -37,45 +37,85 @@ TRITON_HEAD_DIMS = (64, 80, 96, 128)
 # Attention
 
 
+def _block_structure(n_q, n_k, block_size, device):
+    """Masks over [n_q queries, num_blocks * block_size keys]: which blocks are earlier, which keys are visible."""
+    num_blocks = -(-n_k // block_size)
+    query_pos = torch.arange(n_k - n_q, n_k, device=device)[:, None]
+    key_pos = torch.arange(num_blocks * block_size, device=device)
+    query_block, key_block = query_pos // block_size, key_pos // block_size
+    earlier_block = torch.arange(num_blocks, device=device) < query_block  # [n_q, num_blocks]
+    regular_key = key_pos % block_size != block_size - 1
+    own_block_visible = (key_block == query_block) & (key_pos <= query_pos)
+    return earlier_block, regular_key & ((key_block < query_block) | own_block_visible)
+
+
+class LandmarkEagerAttention(torch.autograd.Function):
+    """Grouped-softmax landmark attention with a closed-form backward.
+
+    Forward: the paper's grouped softmax equals ONE softmax over shifted scores. A regular key j of an earlier block
+    c gets t_ij = s_ij + s_i,landmark(c) - logsumexp_{j' in c} s_ij', so block c's mass sums to its landmark's;
+    visible keys of the query's own block keep s_ij; landmarks and later keys get -inf. Then w = softmax(t).
+    Backward, with a_ij = w_ij * dO_i.v_j, D_i = sum_j a_ij, and per earlier block c A_ic = sum_{j in c} a_ij,
+    G_ic = sum_{j in c} w_ij: ds_ij = a_ij - w_ij D_i (own block), a_ij - w_ij A_ic / G_ic (earlier block),
+    A_ic - G_ic D_i (landmark of an earlier block). Only q, k, v and the fp32 weights are kept for backward:
+    less than stock eager attention keeps (fp32 softmax plus its low-precision copy and the mask).
+    Tensors here: query [b, kv_heads, group, n_q, d]; key, value [b, kv_heads, 1, n_k padded to whole blocks, d].
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, n_k, block_size, scaling):
+        earlier_block, visible = _block_structure(query.shape[-2], n_k, block_size, query.device)
+        scores = torch.matmul(query.float(), key.float().transpose(-1, -2)).mul_(scaling)
+        blocks = scores.unflatten(-1, (-1, block_size))
+        shift = (blocks[..., -1] - torch.logsumexp(blocks[..., :-1], dim=-1)).masked_fill_(~earlier_block, 0.0)
+        blocks.add_(shift[..., None])
+        weights = torch.softmax(scores.masked_fill_(~visible, float("-inf")), dim=-1)
+        ctx.save_for_backward(query, key, value, weights)
+        ctx.mark_non_differentiable(weights)
+        ctx.n_k, ctx.block_size, ctx.scaling = n_k, block_size, scaling
+        return torch.matmul(weights.to(value.dtype), value), weights
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output, grad_weights):
+        query, key, value, weights = ctx.saved_tensors
+        block_size = ctx.block_size
+        earlier_block, _ = _block_structure(query.shape[-2], ctx.n_k, block_size, query.device)
+        grad_output = grad_output.float()
+
+        grad_value = torch.matmul(weights.transpose(-1, -2), grad_output).sum(2, keepdim=True)
+        grad_scores = torch.matmul(grad_output, value.float().transpose(-1, -2)).mul_(weights)  # a_ij
+        row_total = grad_scores.sum(-1, keepdim=True)[..., None]  # D_i
+        blocks, weight_blocks = grad_scores.unflatten(-1, (-1, block_size)), weights.unflatten(-1, (-1, block_size))
+        block_total = blocks[..., :-1].sum(-1, keepdim=True)  # A_ic
+        block_mass = weight_blocks[..., :-1].sum(-1, keepdim=True)  # G_ic
+        block_mean = torch.where(block_mass > 0, block_total / block_mass, 0.0)
+        earlier = earlier_block[..., None]
+        blocks.sub_(weight_blocks * torch.where(earlier, block_mean, row_total))
+        blocks[..., -1:] = torch.where(earlier, block_total - block_mass * row_total, 0.0)
+
+        grad_query = torch.matmul(grad_scores, key.float()).mul_(ctx.scaling)
+        grad_key = torch.matmul(grad_scores.transpose(-1, -2), query.float()).sum(2, keepdim=True).mul_(ctx.scaling)
+        return grad_query.to(query.dtype), grad_key.to(key.dtype), grad_value.to(value.dtype), None, None, None
+
+
 def landmark_eager_attention(query, key, value, block_size, scaling, dropout=0.0, training=False):
-    """Landmark attention in plain PyTorch, the training form of the paper (section 3.1).
+    """Landmark attention in plain PyTorch: the training form of the paper (section 3.1), exact for any length.
 
     query: [batch, q_heads, n_q, head_dim]; key, value: [batch, kv_heads, n_k, head_dim] with n_k >= n_q; the
     queries are the last n_q positions and the key at position j is a landmark when j % block_size ==
-    block_size - 1. Returns (output [batch, q_heads, n_q, head_dim], weights [batch, q_heads, n_q, n_k]).
-
-    The paper's grouped softmax (one softmax over the query's own block and the landmarks of earlier blocks, each
-    landmark's share spread over its block by a softmax local to that block) equals ONE softmax over shifted
-    scores: a regular key j of an earlier block c gets s_ij + s_i,landmark(c) - logsumexp_{j' in c} s_ij', its own
-    block's visible keys keep s_ij, landmarks get -inf. The shift makes block c's mass sum to its landmark's, so
-    both normalisers agree. Scores and softmax are fp32; any number of blocks; GQA without repeating K/V.
+    block_size - 1. Returns (output [batch, q_heads, n_q, head_dim], weights [batch, q_heads, n_q, n_k] in fp32).
+    Scores and softmax are fp32; any number of blocks; GQA without repeating K/V (see `LandmarkEagerAttention`).
     """
+    if dropout > 0 and training:
+        raise NotImplementedError("Landmark attention has no attention dropout; set config.attention_dropout = 0.")
     batch, q_heads, n_q, head_dim = query.shape
     kv_heads, n_k = key.shape[1], key.shape[2]
-    num_blocks = -(-n_k // block_size)
-    padded = num_blocks * block_size - n_k  # phantom keys closing the last block; they are always masked
-
-    query = query.reshape(batch, kv_heads, q_heads // kv_heads, n_q, head_dim).float()
-    key = nn.functional.pad(key, (0, 0, 0, padded))[:, :, None].float()
-    value = nn.functional.pad(value, (0, 0, 0, padded))[:, :, None]
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling  # [b, kv, group, n_q, n_k + padded]
-    scores = scores.unflatten(-1, (num_blocks, block_size))
-
-    block_logsumexp = torch.logsumexp(scores[..., :-1], dim=-1, keepdim=True)
-    landmark_scores = scores[..., -1:]
-    query_pos = torch.arange(n_k - n_q, n_k, device=query.device)
-    key_pos = torch.arange(num_blocks * block_size, device=query.device)
-    query_block, key_block = query_pos[:, None] // block_size, key_pos[None, :] // block_size
-    earlier_block = torch.arange(num_blocks, device=query.device)[None, :] < query_block  # [n_q, num_blocks]
-    logits = torch.where(earlier_block[..., None], scores + (landmark_scores - block_logsumexp), scores).flatten(-2)
-
-    regular_key = key_pos % block_size != block_size - 1
-    visible = regular_key & ((key_block < query_block) | ((key_block == query_block) & (key_pos <= query_pos[:, None])))
-    weights = torch.softmax(logits.masked_fill_(~visible, float("-inf")), dim=-1)
-    weights = nn.functional.dropout(weights, p=dropout, training=training)
-
-    output = torch.matmul(weights.to(value.dtype), value).reshape(batch, q_heads, n_q, head_dim)
-    return output, weights[..., :n_k].reshape(batch, q_heads, n_q, n_k)
+    padding = -n_k % block_size  # phantom keys closing the last block; always masked
+    query = query.reshape(batch, kv_heads, q_heads // kv_heads, n_q, head_dim)
+    key, value = (nn.functional.pad(t, (0, 0, 0, padding))[:, :, None] for t in (key, value))
+    output, weights = LandmarkEagerAttention.apply(query, key, value, n_k, block_size, scaling)
+    return output.reshape(batch, q_heads, n_q, head_dim), weights[..., :n_k].reshape(batch, q_heads, n_q, n_k)
 
 
 def _use_triton(config, query, dropout):

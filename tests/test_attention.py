@@ -72,3 +72,30 @@ def test_weights_are_a_distribution_that_ignores_landmark_values():
     out, _ = landmark_eager_attention(q, k, v, 5, 0.3)
     out_changed, _ = landmark_eager_attention(q, k, v_changed, 5, 0.3)
     torch.testing.assert_close(out, out_changed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_keeps_no_more_for_backward_than_stock_eager_attention(dtype):
+    """Memory no worse than transformers' eager attention: bytes autograd holds between forward and backward."""
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    class StockModule(torch.nn.Module):
+        num_key_value_groups = 2
+
+    def saved_bytes(run):
+        storages = {}
+
+        def pack(tensor):
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            run()
+        return sum(storages.values())
+
+    for length in (256, 640):
+        q, k, v = _inputs(1, 8, 4, length, length, 32, dtype, seed=length)
+        causal = torch.full((length, length), float("-inf"), dtype=dtype).triu(1)[None, None]
+        stock = saved_bytes(lambda: eager_attention_forward(StockModule().eval(), q, k, v, causal, 0.2))
+        landmark = saved_bytes(lambda: landmark_eager_attention(q, k, v, 64, 0.2))
+        assert landmark <= stock, (length, landmark, stock)
