@@ -1,0 +1,82 @@
+"""Model-level checks on a CUDA GPU (skipped without one): the Triton backend against the eager path, and memory."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from landmark_llama.modeling_landmark_llama import _use_triton, landmark_triton_attention
+from tiny_models import random_ids, tiny_landmark_model
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available() or landmark_triton_attention is None, reason="needs CUDA and Triton"),
+]
+
+# head_dim 64: the kernel's sizes; two layers so errors compound as in a real stack.
+GPU_MODEL = dict(hidden_size=512, num_attention_heads=8, num_key_value_heads=2, intermediate_size=1024)
+
+
+def _loss_and_grads(model, ids, mask=None):
+    model.zero_grad(set_to_none=True)
+    out = model(ids, attention_mask=mask, labels=ids)
+    out.loss.backward()
+    return out.logits.float(), {n: p.grad.float().clone() for n, p in model.named_parameters()}
+
+
+def _error(a, b):
+    return (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize("block_size,length", [(64, 1000), (32, 777), (128, 1500)])
+def test_triton_backend_matches_eager_within_bf16_noise(block_size, length):
+    model = tiny_landmark_model(block_size=block_size, **GPU_MODEL).cuda().train()
+    ids = random_ids(2, length).cuda()
+    exact_logits, exact_grads = _loss_and_grads(model, ids)  # fp32 eager: the yardstick
+    model.to(torch.bfloat16)
+    results = {}
+    for backend in ("eager", "triton"):
+        model.config.attention_backend = backend
+        results[backend] = _loss_and_grads(model, ids)
+    eager_logits, eager_grads = results["eager"]
+    triton_logits, triton_grads = results["triton"]
+    # The kernel may not be worse than the bf16 eager path by more than 2x (plus a floor for tiny gradients).
+    assert _error(triton_logits, exact_logits) <= 2 * _error(eager_logits, exact_logits) + 1e-2
+    for name, exact in exact_grads.items():
+        floor = 1e-2 * exact.abs().max().item() + 1e-6
+        assert _error(triton_grads[name], exact) <= 2 * _error(eager_grads[name], exact) + floor, name
+
+
+def test_auto_backend_picks_the_kernel_on_cuda_and_padding_still_matches_rows():
+    model = tiny_landmark_model(block_size=64, attention_backend="auto", **GPU_MODEL).cuda().to(torch.bfloat16).eval()
+    probe = torch.zeros(1, 8, 4, 64, device="cuda", dtype=torch.bfloat16)
+    assert _use_triton(model.config, probe, 0.0)
+    lengths = [300, 129, 64]
+    ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long, device="cuda")
+    mask = torch.zeros_like(ids)
+    for r, n in enumerate(lengths):
+        ids[r, -n:], mask[r, -n:] = random_ids(1, n, seed=n)[0].cuda(), 1  # left padding
+    with torch.no_grad():
+        batched = model(ids, attention_mask=mask).logits
+        for r, n in enumerate(lengths):
+            torch.testing.assert_close(batched[r, -n:], model(ids[r : r + 1, -n:]).logits[0], atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_training_step_peak_memory_no_worse_than_stock_eager_llama(backend):
+    length = 4096
+    ids = random_ids(1, length).cuda()
+    model = tiny_landmark_model(block_size=64, attention_backend=backend, **GPU_MODEL).cuda().to(torch.bfloat16)
+    fields = {k: v for k, v in model.config.to_dict().items() if k in LlamaConfig.__dataclass_fields__}
+    stock = LlamaForCausalLM(LlamaConfig(**fields)).cuda().to(torch.bfloat16)
+    stock.set_attn_implementation("eager")
+
+    def peak(m):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        m(ids, labels=ids).loss.backward()
+        torch.cuda.synchronize()
+        m.zero_grad(set_to_none=True)
+        return torch.cuda.max_memory_allocated() - start
+
+    assert peak(model) <= peak(stock)
