@@ -69,7 +69,9 @@ class LandmarkEagerAttention(torch.autograd.Function):
         blocks = scores.unflatten(-1, (-1, block_size))
         shift = (blocks[..., -1] - torch.logsumexp(blocks[..., :-1], dim=-1)).masked_fill_(~earlier_block, 0.0)
         blocks.add_(shift[..., None])
-        weights = torch.softmax(scores.masked_fill_(~visible, float("-inf")), dim=-1)
+        scores.masked_fill_(~visible, float("-inf"))  # every row sees at least one key: no empty softmax
+        weights = scores.sub_(scores.amax(-1, keepdim=True)).exp_()  # softmax in place: no second fp32 tensor
+        weights.div_(weights.sum(-1, keepdim=True))
         ctx.save_for_backward(query, key, value, weights)
         ctx.mark_non_differentiable(weights)
         ctx.n_k, ctx.block_size, ctx.scaling = n_k, block_size, scaling
@@ -91,7 +93,7 @@ class LandmarkEagerAttention(torch.autograd.Function):
         block_mass = weight_blocks[..., :-1].sum(-1, keepdim=True)  # G_ic
         block_mean = torch.where(block_mass > 0, block_total / block_mass, 0.0)
         earlier = earlier_block[..., None]
-        blocks.sub_(weight_blocks * torch.where(earlier, block_mean, row_total))
+        blocks.addcmul_(weight_blocks, torch.where(earlier, block_mean, row_total), value=-1)
         blocks[..., -1:] = torch.where(earlier, block_total - block_mass * row_total, 0.0)
 
         grad_query = torch.matmul(grad_scores, key.float()).mul_(ctx.scaling)
