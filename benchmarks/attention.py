@@ -1,0 +1,237 @@
+"""Attention benchmark: the Triton landmark kernel against an eager landmark path and torch SDPA (flash, cuDNN).
+
+    python benchmarks/attention.py --out OUT_DIR [--lengths 2048 4096 8192 16384 32768]
+
+Setting (fixed): bf16, batch 1, 32 query heads of 128, block_size 64; every length with 32 kv heads (MHA) and
+with 8 kv heads (GQA 32/8). Each provider is timed with triton.testing.do_bench (median ms, CUDA events) for the
+forward and for forward+backward, with its peak memory (torch.cuda.max_memory_allocated above the inputs).
+
+FLOPs (causal attention, the usual convention, landmark attention counted like causal attention):
+    forward  = 2 * 2 * batch * q_heads * n^2 * head_dim / 2     (QK^T and PV over the causal half)
+    backward = 2.5 * forward                                      (five matrix products instead of two)
+    fwd+bwd  = 3.5 * forward
+The landmark kernel's own backward runs seven products (dK/dV and dQ recompute the scores), so its TFLOP/s
+figure counts useful work, not executed work.
+
+Writes OUT_DIR/attention.md (markdown table), OUT_DIR/attention.json and, with matplotlib, OUT_DIR/attention.png.
+"""
+
+import argparse
+import datetime
+import importlib.util
+import json
+import math
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import kernels.landmark_attention as landmark_kernels  # noqa: E402
+from kernels.landmark_attention import landmark_attention  # noqa: E402
+
+BATCH, Q_HEADS, HEAD_DIM, BLOCK_SIZE, DTYPE = 1, 32, 128, 64, torch.bfloat16
+EAGER_MAX_LEN = 4096  # the eager path keeps [b, h, n, n] fp32 weights: 2 GiB at 4k, 8 GiB at 8k (times a few)
+
+
+def _load_eager():
+    """The model's eager landmark attention (modeling_landmark_llama.landmark_eager_attention), loaded as the
+    repository package, or None where it cannot be imported."""
+    try:
+        spec = importlib.util.spec_from_file_location("landmark_llama", ROOT / "__init__.py",
+                                                      submodule_search_locations=[str(ROOT)])
+        package = importlib.util.module_from_spec(spec)
+        sys.modules["landmark_llama"] = package
+        spec.loader.exec_module(package)
+        from landmark_llama.modeling_landmark_llama import landmark_eager_attention
+        return landmark_eager_attention
+    except Exception as exc:  # noqa: BLE001 - a missing eager path only drops one column
+        print(f"eager landmark attention not available: {exc!r}")
+        return None
+
+
+def _sdpa(backend):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    chosen = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
+
+    def run(q, k, v):
+        with sdpa_kernel(chosen):
+            gqa = q.shape[1] != k.shape[1]
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+
+    return run
+
+
+def make_providers():
+    providers = {"landmark-triton": lambda q, k, v: landmark_attention(q, k, v, BLOCK_SIZE)}
+    eager = _load_eager()
+    if eager is not None:
+        scale = 1.0 / math.sqrt(HEAD_DIM)
+        providers["landmark-eager"] = lambda q, k, v: eager(q, k, v, BLOCK_SIZE, scale)[0]
+    providers["sdpa-flash"] = _sdpa("flash")
+    providers["sdpa-cudnn"] = _sdpa("cudnn")
+    return providers
+
+
+def causal_flops(n, mode):
+    fwd = 2 * 2 * BATCH * Q_HEADS * n * n * HEAD_DIM / 2
+    return fwd if mode == "fwd" else 3.5 * fwd
+
+
+def measure(fn, q, k, v, do, mode):
+    """Median ms and peak memory (MiB above what was allocated before) of one provider in one mode."""
+    if mode == "fwd":
+        def step():
+            with torch.no_grad():
+                fn(q, k, v)
+    else:
+        def step():
+            fn(q, k, v).backward(do)
+
+    step()  # compile / autotune outside the timing
+    torch.cuda.synchronize()
+    for t in (q, k, v):
+        t.grad = None
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    ms = do_bench(step, warmup=25, rep=100, grad_to_none=[q, k, v], return_mode="median")
+    return ms, peak
+
+
+def run(lengths, out_dir):
+    providers = make_providers()
+    results = []
+    for kv_heads in (Q_HEADS, 8):
+        for n in lengths:
+            q, k, v = (torch.randn(BATCH, h, n, HEAD_DIM, device="cuda", dtype=DTYPE).requires_grad_()
+                       for h in (Q_HEADS, kv_heads, kv_heads))
+            do = torch.randn_like(q)
+            for name, fn in providers.items():
+                if name == "landmark-eager" and n > EAGER_MAX_LEN:
+                    continue
+                for mode in ("fwd", "fwd+bwd"):
+                    row = dict(provider=name, kv_heads=kv_heads, n=n, mode=mode)
+                    try:
+                        ms, peak = measure(fn, q, k, v, do, mode)
+                        row.update(ms=ms, tflops=causal_flops(n, mode) / ms * 1e-9, peak_mib=peak)
+                    except Exception as exc:  # noqa: BLE001 - an unsupported backend is reported, not fatal
+                        row.update(error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+                    torch.cuda.empty_cache()
+                    results.append(row)
+                    print(json.dumps(row), flush=True)
+            del q, k, v, do
+            torch.cuda.empty_cache()
+    return results
+
+
+def tuned_configs():
+    out = {}
+    for name, tuned in (("fwd", landmark_kernels._fwd_tuned), ("dkdv", landmark_kernels._dkdv_tuned),
+                        ("dq", landmark_kernels._dq_tuned)):
+        out[name] = {str(key): str(cfg) for key, cfg in getattr(tuned, "cache", {}).items()}
+    return out
+
+
+def write(results, out_dir, command):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = dict(
+        device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+        cuda=torch.version.cuda, python=platform.python_version(),
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), command=command,
+        setting=f"{DTYPE}, batch {BATCH}, {Q_HEADS} q heads of {HEAD_DIM}, block_size {BLOCK_SIZE}",
+        autotuned=tuned_configs(),
+    )
+    (out_dir / "attention.json").write_text(json.dumps(dict(meta=meta, results=results), indent=1))
+
+    lines = [f"# Attention benchmark on {meta['device']}", "",
+             f"- torch {meta['torch']} (CUDA {meta['cuda']}), triton {meta['triton']}, {meta['date']}",
+             f"- setting: {meta['setting']}; causal FLOPs: fwd = 4*b*h*n^2*d/2, fwd+bwd = 3.5 x fwd",
+             f"- command: `{command}`", ""]
+    providers = list(dict.fromkeys(r["provider"] for r in results))
+    for kv_heads in sorted({r["kv_heads"] for r in results}, reverse=True):
+        title = "MHA 32/32" if kv_heads == Q_HEADS else f"GQA {Q_HEADS}/{kv_heads}"
+        for mode in ("fwd", "fwd+bwd"):
+            lines += [f"## {title}, {mode}: median ms / TFLOP/s / peak MiB", "",
+                      "| n | " + " | ".join(providers) + " |", "|---:|" + "---:|" * len(providers)]
+            for n in sorted({r["n"] for r in results}):
+                cells = []
+                for p in providers:
+                    row = next((r for r in results if (r["provider"], r["kv_heads"], r["n"], r["mode"])
+                                == (p, kv_heads, n, mode)), None)
+                    if row is None:
+                        cells.append("-")
+                    elif "error" in row:
+                        cells.append("n/a")
+                    else:
+                        cells.append(f"{row['ms']:.3f} / {row['tflops']:.0f} / {row['peak_mib']:.0f}")
+                lines.append(f"| {n} | " + " | ".join(cells) + " |")
+            lines.append("")
+    errors = [r for r in results if "error" in r]
+    if errors:
+        lines += ["Not measured:", ""] + [f"- {r['provider']} {r['mode']} n={r['n']} kv={r['kv_heads']}: "
+                                          f"{r['error']}" for r in errors] + [""]
+    lines += ["Autotuned configs (key: head_dim, block_size, kv_group, dtypes):", ""]
+    for name, cfgs in meta["autotuned"].items():
+        for key, cfg in cfgs.items():
+            lines.append(f"- {name} {key}: {cfg}")
+    (out_dir / "attention.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, mode in zip(axes, ("fwd", "fwd+bwd")):
+        for p in providers:
+            for kv_heads, style in ((Q_HEADS, "-"), (8, "--")):
+                pts = sorted((r["n"], r["tflops"]) for r in results if r["provider"] == p and r["mode"] == mode
+                             and r["kv_heads"] == kv_heads and "tflops" in r)
+                if pts:
+                    ax.plot(*zip(*pts), style, marker="o", label=f"{p} kv={kv_heads}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length")
+        ax.set_ylabel("TFLOP/s")
+        ax.set_title(f"{mode}, {meta['device']}")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "attention.png", dpi=120)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="folder for attention.md/.json/.png")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768])
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/attention.py needs a CUDA GPU")
+    torch.manual_seed(0)
+    command = "python benchmarks/attention.py " + " ".join(sys.argv[1:])
+    # tune on a mid-size problem first (the autotuner keeps the first shape's choice for every length)
+    for kv_heads in (Q_HEADS, 8):
+        n = 8192 if 8192 in args.lengths or max(args.lengths) >= 8192 else max(args.lengths)
+        q, k, v = (torch.randn(BATCH, h, n, HEAD_DIM, device="cuda", dtype=DTYPE).requires_grad_()
+                   for h in (Q_HEADS, kv_heads, kv_heads))
+        landmark_attention(q, k, v, BLOCK_SIZE).backward(torch.randn_like(q))
+        del q, k, v
+    results = run(args.lengths, args.out)
+    write(results, args.out, command)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TRITON_PRINT_AUTOTUNING", "1")
+    main()

@@ -1,0 +1,41 @@
+"""Shared test setup: run Triton on the CPU through its interpreter when no GPU is present, a seed per test,
+and the `cuda` marker for tests that need a GPU (skipped without one; select them with `-m cuda`)."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# `from kernels.landmark_attention import ...` resolves from the repository root, also under plain `pytest`
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+if not torch.cuda.is_available():
+    # must happen before triton is imported by any test module
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped otherwise)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def seed():
+    torch.manual_seed(0)
+    return 0
+
+
+# for tests that prefer a name over the marker: `from conftest import requires_cuda`
+requires_cuda = pytest.mark.cuda
