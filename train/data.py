@@ -12,7 +12,7 @@ import datasets
 import torch
 
 
-FILE_BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json"}
+FILE_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json"}
 
 
 def pack_documents(documents, eos_token_id, context_length):
@@ -44,7 +44,7 @@ def tokenize_and_pack(batch, tokenizer, text_column, context_length):
 
 
 def load_documents(train_file=None, dataset_name=None, dataset_config_name=None, split="train", text_column="text"):
-    """The training documents as a `datasets.Dataset` with a `text_column` of strings.
+    """The training documents as a `datasets.Dataset` whose one column, `text_column`, holds strings.
 
     train_file: a local `.txt` file (one document a line) or `.json`/`.jsonl` file (one object a line), or a glob
     of such files. dataset_name: any `datasets.load_dataset` name instead (needs a reachable hub for remote names).
@@ -63,15 +63,18 @@ def load_documents(train_file=None, dataset_name=None, dataset_config_name=None,
             raise ValueError(
                 f"--train_file {train_file}: files end in {sorted(suffixes)}; use one kind of {sorted(FILE_BUILDERS)}."
             )
-        documents = datasets.load_dataset(FILE_BUILDERS[suffixes.pop()], data_files=files, split="train")
+        # One file at a time, keeping only the text: other fields (RedPajama's `meta`) differ between files.
+        builder = FILE_BUILDERS[suffixes.pop()]
+        parts = [datasets.load_dataset(builder, data_files=file, split="train") for file in files]
     else:
-        documents = datasets.load_dataset(dataset_name, dataset_config_name, split=split)
-    if text_column not in documents.column_names:
-        raise ValueError(
-            f"The training data has columns {documents.column_names}, no '{text_column}'; name the text column with "
-            "--text_column."
-        )
-    return documents
+        parts = [datasets.load_dataset(dataset_name, dataset_config_name, split=split)]
+    for part in parts:
+        if text_column not in part.column_names:
+            raise ValueError(
+                f"The training data has columns {part.column_names}, no '{text_column}'; name the text column with "
+                "--text_column."
+            )
+    return datasets.concatenate_datasets([part.select_columns([text_column]) for part in parts])
 
 
 def collate_windows(windows):
