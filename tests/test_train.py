@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -255,28 +256,32 @@ FSDP_ON_CPU = textwrap.dedent(
         sharded = sorted({type(m).__name__ for m in trainer.model.modules() if type(m).__name__.startswith("FSDP")})
         with open(sys.argv[1], "w") as report:
             json.dump({"fsdp_enabled": trainer.is_fsdp_enabled, "sharded": sharded,
-                       "world_size": trainer.args.world_size}, report)
+                       "world_size": trainer.args.world_size, "global_step": trainer.state.global_step}, report)
     """
 )
 
 
-def launch_fsdp(folders, output_dir, report, *extra):
-    """train.finetune on two CPU processes (gloo) with FSDP2 full sharding of LlamaDecoderLayer, batch 2 each."""
-    launcher = output_dir.parent / "fsdp_on_cpu.py"
+def launch_two_processes(argv, report):
+    """train.finetune through the FSDP_ON_CPU launcher on two CPU processes (gloo); returns the launcher's report."""
+    launcher = report.parent / "fsdp_on_cpu.py"
     launcher.write_text(FSDP_ON_CPU)
-    argv = [
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(launcher), str(report), *argv]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return json.loads(report.read_text())
+
+
+def launch_fsdp(folders, output_dir, report, *extra):
+    """FSDP2 full sharding of LlamaDecoderLayer on two processes, batch 2 each, 12 steps, a checkpoint at 6."""
+    return launch_two_processes([
         "--model_name_or_path", str(folders["landmark"]), "--train_file", str(folders["corpus"]),
         "--output_dir", str(output_dir), "--per_device_train_batch_size", "2", "--learning_rate", "3e-3",
         "--logging_steps", "1", "--report_to", "none", "--use_cpu", "--dataloader_num_workers", "0",
         "--disable_tqdm", "true", "--seed", "0", "--max_steps", "12", "--save_steps", "6",
         "--fsdp", "full_shard auto_wrap", "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer",
         "--gradient_checkpointing", *extra,
-    ]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(launcher), str(report), *argv]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    return json.loads(report.read_text())
+    ], report)
 
 
 def test_fsdp_on_two_processes_matches_one_process(folders, tmp_path):
@@ -311,3 +316,47 @@ def test_fsdp_on_two_processes_matches_one_process(folders, tmp_path):
     assert all(abs(resumed_losses[step] - fsdp_losses[step]) <= 1e-6 for step in range(7, 13)), resumed_losses
     resumed_state = load_file(tmp_path / "fsdp_resumed" / "model.safetensors")
     assert all(torch.equal(resumed_state[name], tensor) for name, tensor in fsdp_state.items())
+
+
+@pytest.mark.xfail(
+    strict=True, raises=RuntimeError,
+    reason="modeling_landmark_llama.LandmarkEagerAttention.forward computes its 'fp32' scores under the caller's "
+           "autocast, so they come out bf16 and the backward (run without autocast) mixes bf16 and fp32: every --bf16 "
+           "run on the eager path (CPU, or a GPU with block_size 51) fails at its first backward. Fix: run the forward "
+           "under torch.autocast(query.device.type, enabled=False); then remove this marker.")
+def test_bf16_autocast_training_runs(folders, tmp_path):
+    trainer = run(folders, tmp_path, "--max_steps", "2", "--bf16")
+    assert trainer.state.global_step == 2
+
+
+RECIPES = Path(__file__).resolve().parents[1] / "train" / "recipes"
+
+
+@pytest.mark.parametrize("recipe", ["llama7b_fsdp_8gpu.sh", "llama7b_lora_1gpu.sh"])
+def test_recipe_options_train_the_tiny_model(folders, tmp_path, recipe):
+    """Each recipe's exact option list (captured by stub launchers), run on the tiny stock Llama for 2 steps on CPU
+    with only the scale and the GPU-only precision options overridden: the options parse and train."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    for launcher in ("torchrun", "python"):
+        (stubs / launcher).write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$RECORD"\n')
+        (stubs / launcher).chmod(0o755)
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "RECORD": str(tmp_path / "argv"),
+           "MODEL": str(folders["stock"]), "DATA": str(folders["corpus"]), "OUT": str(tmp_path / "out")}
+    subprocess.run(["bash", str(RECIPES / recipe)], env=env, check=True, timeout=60)
+    argv = (tmp_path / "argv").read_text().splitlines()
+    argv = argv[argv.index("train.finetune") + 1:]
+    assert "--block_size" in argv and argv[argv.index("--block_size") + 1] == "51"
+
+    scale = ["--max_steps", "2", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
+             "--preprocessing_num_workers", "1", "--use_cpu", "--bf16", "false", "--tf32", "false",
+             "--report_to", "none", "--dataloader_num_workers", "0", "--disable_tqdm", "true"]
+    if "--fsdp" in argv:  # FSDP needs several processes: two gloo ones stand in for the 8 GPUs
+        facts = launch_two_processes(argv + scale, tmp_path / "report.json")
+        assert facts["fsdp_enabled"] and "FSDPLlamaDecoderLayer" in facts["sharded"] and facts["global_step"] == 2
+    else:
+        assert finetune.main(argv + scale).state.global_step == 2
+    out = tmp_path / "out"
+    saved = out / "merged" if "--lora_r" in argv else out
+    config = json.loads((saved / "config.json").read_text())
+    assert config["block_size"] == 51 and config["train_context_length"] == 512
