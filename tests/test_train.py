@@ -210,6 +210,7 @@ def folder_without_landmark_token(folders, tmp_path_factory):
      r"--train_file /nonexistent/corpus.txt: no such file. Pass a .txt file"),
     (["--train_context_length", "0"], ValueError, r"--train_context_length must be positive, got 0"),
     (["--train_context_length", "-8"], ValueError, r"--train_context_length must be positive, got -8"),
+    (["--block_size", "1"], ValueError, r"block_size must be at least 2"),
     (["--fsdp", "full_shard auto_wrap", "--fsdp_transformer_layer_cls_to_wrap", "FooLayer"], ValueError,
      r"no module of class FooLayer in the model; the decoder layer class is LlamaDecoderLayer"),
     (["--fsdp", "--fsdp_config", '{"transformer_layer_cls_to_wrap": ["FooLayer"]}'], ValueError,
@@ -217,7 +218,7 @@ def folder_without_landmark_token(folders, tmp_path_factory):
     (["--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer"], ValueError, r"needs --fsdp"),
     (["--model_name_or_path", "<no landmark>"], ValueError,
      r"has no landmark token \(the model's landmark_token_id is 84, the tokenizer has 83 tokens\).*convert_llama"),
-], ids=["missing-file", "context-0", "context-negative", "fsdp-wrap-class", "fsdp-config-wrap-class",
+], ids=["missing-file", "context-0", "context-negative", "block-size-1", "fsdp-wrap-class", "fsdp-config-wrap-class",
         "wrap-class-without-fsdp", "tokenizer-without-landmark"])
 def test_bad_inputs_get_clear_errors(folders, folder_without_landmark_token, tmp_path, extra, error, message):
     extra = [str(folder_without_landmark_token) if arg == "<no landmark>" else arg for arg in extra]

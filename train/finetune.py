@@ -9,8 +9,10 @@ One GPU, LoRA (the landmark's embedding and output rows train with the adapters)
 Many GPUs, full fine-tuning with FSDP sharding the decoder layers (the paper's run: train/recipes/):
 
     torchrun --nproc_per_node 8 -m train.finetune --model_name_or_path path/to/llama --block_size 51 \
-        --train_file data.jsonl --output_dir out/full --fsdp "full_shard auto_wrap" \
-        --fsdp_transformer_layer_cls_to_wrap LlamaDecoderLayer --bf16 ...
+        --train_file data.jsonl --output_dir out/full --fsdp --fsdp_transformer_layer_cls_to_wrap LlamaDecoderLayer \
+        --bf16 ...
+
+(`--fsdp` is FSDP2 with full sharding; the paper's spelling `--fsdp "full_shard auto_wrap"` means the same.)
 
 Resume: the same command with `--resume_from_checkpoint out/full/checkpoint-2000` (or `last`).
 
@@ -178,6 +180,7 @@ def load_model_and_tokenizer(model_args, data_args, training_args):
                 convert_llama(source, folder, overwrite=True, **overrides)
                 logger.info(f"converted {source} to landmark-llama in {folder}")
     model = LandmarkLlamaForCausalLM.from_pretrained(folder, dtype=model_args.model_dtype, **overrides)
+    model.config.validate_architecture()  # the overrides above bypass the config's own checks
     tokenizer = AutoTokenizer.from_pretrained(folder)
     check_tokenizer(tokenizer, model.config, folder)
     return model, tokenizer
