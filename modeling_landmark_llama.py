@@ -64,6 +64,11 @@ class LandmarkEagerAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, key, value, n_k, block_size, scaling):
+        with torch.autocast(query.device.type, enabled=False):  # fp32 scores even inside a bf16 autocast region
+            return LandmarkEagerAttention._forward(ctx, query, key, value, n_k, block_size, scaling)
+
+    @staticmethod
+    def _forward(ctx, query, key, value, n_k, block_size, scaling):
         earlier_block, visible = _block_structure(query.shape[-2], n_k, block_size, query.device)
         scores = torch.matmul(query.float(), key.float().transpose(-1, -2)).mul_(scaling)
         blocks = scores.unflatten(-1, (-1, block_size))
@@ -80,6 +85,11 @@ class LandmarkEagerAttention(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output, grad_weights):
+        with torch.autocast(grad_output.device.type, enabled=False):
+            return LandmarkEagerAttention._backward(ctx, grad_output)
+
+    @staticmethod
+    def _backward(ctx, grad_output):
         query, key, value, weights = ctx.saved_tensors
         block_size = ctx.block_size
         earlier_block, _ = _block_structure(query.shape[-2], ctx.n_k, block_size, query.device)

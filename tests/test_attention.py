@@ -99,3 +99,17 @@ def test_keeps_no_more_for_backward_than_stock_eager_attention(dtype):
         stock = saved_bytes(lambda: eager_attention_forward(StockModule().eval(), q, k, v, causal, 0.2))
         landmark = saved_bytes(lambda: landmark_eager_attention(q, k, v, 64, 0.2))
         assert landmark <= stock, (length, landmark, stock)
+
+
+def test_scores_stay_fp32_under_bf16_autocast():
+    """Mixed-precision training runs the model under autocast; the eager path must still score in fp32."""
+    q, k, v = _inputs(1, 2, 1, 70, 70, 16, torch.bfloat16, seed=3)
+    plain, _ = landmark_eager_attention(q, k, v, 8, 0.25)
+    plain_grads = torch.autograd.grad(plain, (q, k, v), torch.ones_like(plain))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed, weights = landmark_eager_attention(q, k, v, 8, 0.25)
+    mixed_grads = torch.autograd.grad(mixed, (q, k, v), torch.ones_like(mixed))
+    assert weights.dtype == torch.float32
+    torch.testing.assert_close(mixed, plain, atol=0, rtol=0)
+    for grad, plain_grad in zip(mixed_grads, plain_grads):
+        torch.testing.assert_close(grad, plain_grad, atol=0, rtol=0)

@@ -319,12 +319,6 @@ def test_fsdp_on_two_processes_matches_one_process(folders, tmp_path):
     assert all(torch.equal(resumed_state[name], tensor) for name, tensor in fsdp_state.items())
 
 
-@pytest.mark.xfail(
-    strict=True, raises=RuntimeError,
-    reason="modeling_landmark_llama.LandmarkEagerAttention.forward computes its 'fp32' scores under the caller's "
-           "autocast, so they come out bf16 and the backward (run without autocast) mixes bf16 and fp32: every --bf16 "
-           "run on the eager path (CPU, or a GPU with block_size 51) fails at its first backward. Fix: run the forward "
-           "under torch.autocast(query.device.type, enabled=False); then remove this marker.")
 def test_bf16_autocast_training_runs(folders, tmp_path):
     trainer = run(folders, tmp_path, "--max_steps", "2", "--bf16")
     assert trainer.state.global_step == 2
