@@ -90,11 +90,32 @@ def _dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
 
 
 @triton.jit
-def _fwd_weights(b_s, b_m, o_pos, i_n, MASKED: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr):
+def _load_tile(p, o_r, n_r, stride_r, MASK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+    """[len(o_r), D_PAD] tile of rows o_r (row stride stride_r, unit column stride), zero outside; the row mask
+    (o_r < n_r) and the head-dim mask are emitted only where they can cut anything (fewer predicated loads)."""
+    o_d = tl.arange(0, D_PAD)
+    p_t = p + o_r[:, None] * stride_r + o_d[None, :]
+    if MASK_ROWS:
+        if HEAD_DIM == D_PAD:
+            b_t = tl.load(p_t, mask=(o_r < n_r)[:, None], other=0.0)
+        else:
+            b_t = tl.load(p_t, mask=(o_r < n_r)[:, None] & (o_d < HEAD_DIM)[None, :], other=0.0)
+    else:
+        if HEAD_DIM == D_PAD:
+            b_t = tl.load(p_t)
+        else:
+            b_t = tl.load(p_t, mask=(o_d < HEAD_DIM)[None, :], other=0.0)
+    return b_t
+
+
+@triton.jit
+def _fwd_weights(b_s, qk_scale, b_m, o_pos, i_n, MASKED: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Unnormalised weights of one score tile for the online softmax.
 
-    b_s: [BLOCK_M, BLOCK_N] scores in log2 units; b_m: [BLOCK_M] running maximum; o_pos: [BLOCK_M] query
+    b_s: [BLOCK_M, BLOCK_N] raw products q.k (times qk_scale = sm_scale * log2(e) they are the scores in log2
+    units: maxima are taken on the raw values and scaled per block, and each exp2 argument is one fused
+    multiply-add); b_m: [BLOCK_M] running maximum (log2 units); o_pos: [BLOCK_M] query
     positions; i_n: first key position of the tile. MASKED=False is the fast path for tiles whose blocks
     are all complete and earlier than every query of the tile (no causal or bounds mask).
     Returns the weights p [BLOCK_M, BLOCK_N] relative to the new maximum, the new maximum and the sum of p.
@@ -106,7 +127,7 @@ def _fwd_weights(b_s, b_m, o_pos, i_n, MASKED: tl.constexpr, BLOCK_SIZE: tl.cons
     # [BLOCK_M, NG, BLOCK_SIZE]: the tile seen block by block (a view, no data movement on the GPU)
     b_s3 = tl.reshape(b_s, [BLOCK_M, NG, BLOCK_SIZE])
     # [BLOCK_M, NG] landmark logit (gate) of each block
-    b_g = tl.max(tl.where(m_lm, b_s3, float("-inf")), 2)
+    b_g = tl.max(tl.where(m_lm, b_s3, float("-inf")), 2) * qk_scale
     if MASKED:
         i_blk = i_n // BLOCK_SIZE + tl.arange(0, NG)
         q_blk = o_pos // BLOCK_SIZE
@@ -119,22 +140,22 @@ def _fwd_weights(b_s, b_m, o_pos, i_n, MASKED: tl.constexpr, BLOCK_SIZE: tl.cons
         m_reg = (m_early[:, :, None] | (m_own[:, :, None] & (o_k3[None, :, :] <= o_pos[:, None, None]))) & (~m_lm)
         b_sr = tl.where(m_reg, b_s3, float("-inf"))
         # [BLOCK_M, NG] per-block maximum over visible regular keys
-        b_gm = tl.max(b_sr, 2)
+        b_gm = tl.max(b_sr, 2) * qk_scale
         # largest exponent a block contributes: its gate (earlier) or its maximum (own)
         b_h = tl.where(m_early, b_g, tl.where(m_own, b_gm, float("-inf")))
         b_m_new = tl.maximum(b_m, tl.max(b_h, 1))
         b_gm = tl.where(b_gm == float("-inf"), 0.0, b_gm)
         b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
-        b_e3 = tl.exp2(b_sr - b_gm[:, :, None])
+        b_e3 = tl.exp2(b_sr * qk_scale - b_gm[:, :, None])
         # [BLOCK_M, NG] per-block sum, >= 1 for any visible block
         b_z = tl.sum(b_e3, 2)
         b_r = tl.where(m_early, tl.exp2(b_g - b_m_safe[:, None]) / tl.maximum(b_z, 1.0),
                        tl.where(m_own, tl.exp2(b_gm - b_m_safe[:, None]), 0.0))
     else:
         b_sr = tl.where(m_lm, float("-inf"), b_s3)
-        b_gm = tl.max(b_sr, 2)
+        b_gm = tl.max(b_sr, 2) * qk_scale
         b_m_new = tl.maximum(b_m, tl.max(b_g, 1))
-        b_e3 = tl.exp2(b_sr - b_gm[:, :, None])
+        b_e3 = tl.exp2(b_sr * qk_scale - b_gm[:, :, None])
         b_z = tl.sum(b_e3, 2)
         b_r = tl.exp2(b_g - b_m_new[:, None]) / b_z
     # [BLOCK_M, BLOCK_N]
@@ -186,22 +207,21 @@ def _landmark_fwd_kernel(
     for i_n in range(0, n_lo, BLOCK_N):
         o_k = i_n + o_n
         # [BLOCK_N, D_PAD]
-        b_k = tl.load(p_k + o_k[:, None] * stride_kn + o_d[None, :], mask=m_d[None, :], other=0.0)
-        b_v = tl.load(p_v + o_k[:, None] * stride_vn + o_d[None, :], mask=m_d[None, :], other=0.0)
+        b_k = _load_tile(p_k, o_k, n_k, stride_kn, False, HEAD_DIM, D_PAD)
+        b_v = _load_tile(p_v, o_k, n_k, stride_vn, False, HEAD_DIM, D_PAD)
         # [BLOCK_M, BLOCK_N] scores, fp32, log2 units
-        b_s = _dot(b_q, tl.trans(b_k), DOT_PRECISION, UPCAST_DOT) * qk_scale
-        b_p, b_m_new, b_l_new = _fwd_weights(b_s, b_m, o_pos, i_n, False, BLOCK_SIZE, BLOCK_M, BLOCK_N)
+        b_s = _dot(b_q, tl.trans(b_k), DOT_PRECISION, UPCAST_DOT)
+        b_p, b_m_new, b_l_new = _fwd_weights(b_s, qk_scale, b_m, o_pos, i_n, False, BLOCK_SIZE, BLOCK_M, BLOCK_N)
         b_alpha = tl.exp2(b_m - b_m_new)
         b_l = b_l * b_alpha + b_l_new
         b_acc = b_acc * b_alpha[:, None] + _dot(b_p.to(b_v.dtype), b_v, DOT_PRECISION, UPCAST_DOT)
         b_m = b_m_new
     for i_n in range(n_lo, n_hi, BLOCK_N):
         o_k = i_n + o_n
-        m_k = o_k < n_k
-        b_k = tl.load(p_k + o_k[:, None] * stride_kn + o_d[None, :], mask=m_k[:, None] & m_d[None, :], other=0.0)
-        b_v = tl.load(p_v + o_k[:, None] * stride_vn + o_d[None, :], mask=m_k[:, None] & m_d[None, :], other=0.0)
-        b_s = _dot(b_q, tl.trans(b_k), DOT_PRECISION, UPCAST_DOT) * qk_scale
-        b_p, b_m_new, b_l_new = _fwd_weights(b_s, b_m, o_pos, i_n, True, BLOCK_SIZE, BLOCK_M, BLOCK_N)
+        b_k = _load_tile(p_k, o_k, n_k, stride_kn, True, HEAD_DIM, D_PAD)
+        b_v = _load_tile(p_v, o_k, n_k, stride_vn, True, HEAD_DIM, D_PAD)
+        b_s = _dot(b_q, tl.trans(b_k), DOT_PRECISION, UPCAST_DOT)
+        b_p, b_m_new, b_l_new = _fwd_weights(b_s, qk_scale, b_m, o_pos, i_n, True, BLOCK_SIZE, BLOCK_M, BLOCK_N)
         b_alpha = tl.where(b_m_new == float("-inf"), 1.0, tl.exp2(b_m - b_m_new))
         b_l = b_l * b_alpha + b_l_new
         b_acc = b_acc * b_alpha[:, None] + _dot(b_p.to(b_v.dtype), b_v, DOT_PRECISION, UPCAST_DOT)
@@ -237,11 +257,12 @@ def _landmark_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _bwd_weights(b_s, b_dp, b_lse, b_delta, o_pos, i_n, MASKED: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _bwd_weights(b_s, qk_scale, b_dp, b_lse, b_delta, o_pos, i_n, MASKED: tl.constexpr,
+                 BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Weights w and score gradients ds of one [BLOCK_M, BLOCK_N] tile (queries x keys), for dQ.
 
-    b_s: scores in log2 units; b_dp: dO v^T; b_lse: [BLOCK_M] row log2-sum-exp; b_delta: [BLOCK_M] rowsum(dO*O).
+    b_s: raw products q.k (scaled by qk_scale as in `_fwd_weights`); b_dp: dO v^T; b_lse: [BLOCK_M] row
+    log2-sum-exp2; b_delta: [BLOCK_M] rowsum(dO * O).
     """
     NG: tl.constexpr = BLOCK_N // BLOCK_SIZE
     o_t = tl.arange(0, BLOCK_SIZE)
@@ -250,7 +271,7 @@ def _bwd_weights(b_s, b_dp, b_lse, b_delta, o_pos, i_n, MASKED: tl.constexpr, BL
     b_s3 = tl.reshape(b_s, [BLOCK_M, NG, BLOCK_SIZE])
     b_dp3 = tl.reshape(b_dp, [BLOCK_M, NG, BLOCK_SIZE])
     # [BLOCK_M, NG]
-    b_g = tl.max(tl.where(m_lm, b_s3, float("-inf")), 2)
+    b_g = tl.max(tl.where(m_lm, b_s3, float("-inf")), 2) * qk_scale
     b_gate = tl.exp2(b_g - b_lse[:, None])
     if MASKED:
         i_blk = i_n // BLOCK_SIZE + tl.arange(0, NG)
@@ -260,9 +281,9 @@ def _bwd_weights(b_s, b_dp, b_lse, b_delta, o_pos, i_n, MASKED: tl.constexpr, BL
         o_k3 = i_n + tl.arange(0, NG)[:, None] * BLOCK_SIZE + o_t[None, :]
         m_reg = (m_early[:, :, None] | (m_own[:, :, None] & (o_k3[None, :, :] <= o_pos[:, None, None]))) & (~m_lm)
         b_sr = tl.where(m_reg, b_s3, float("-inf"))
-        b_gm = tl.max(b_sr, 2)
+        b_gm = tl.max(b_sr, 2) * qk_scale
         b_gm = tl.where(b_gm == float("-inf"), 0.0, b_gm)
-        b_e3 = tl.exp2(b_sr - b_gm[:, :, None])
+        b_e3 = tl.exp2(b_sr * qk_scale - b_gm[:, :, None])
         b_z = tl.maximum(tl.sum(b_e3, 2), 1.0)
         # [BLOCK_M, NG] Pbar: mean of dp under the in-block softmax
         b_pbar = tl.sum(b_e3 * b_dp3, 2) / b_z
@@ -271,8 +292,8 @@ def _bwd_weights(b_s, b_dp, b_lse, b_delta, o_pos, i_n, MASKED: tl.constexpr, BL
         b_dlm = tl.where(m_early, b_gate * (b_pbar - b_delta[:, None]), 0.0)
     else:
         b_sr = tl.where(m_lm, float("-inf"), b_s3)
-        b_gm = tl.max(b_sr, 2)
-        b_e3 = tl.exp2(b_sr - b_gm[:, :, None])
+        b_gm = tl.max(b_sr, 2) * qk_scale
+        b_e3 = tl.exp2(b_sr * qk_scale - b_gm[:, :, None])
         b_z = tl.sum(b_e3, 2)
         b_pbar = tl.sum(b_e3 * b_dp3, 2) / b_z
         b_r = b_gate / b_z
@@ -284,46 +305,34 @@ def _bwd_weights(b_s, b_dp, b_lse, b_delta, o_pos, i_n, MASKED: tl.constexpr, BL
 
 
 @triton.jit
-def _bwd_weights_t(b_st, b_dpt, b_lse, b_delta, o_pos, i_n, MASKED: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """`_bwd_weights` on the transposed tile [BLOCK_N, BLOCK_M] (keys x queries), for dK/dV."""
-    NG: tl.constexpr = BLOCK_N // BLOCK_SIZE
-    o_t = tl.arange(0, BLOCK_SIZE)
-    m_lm = (o_t == BLOCK_SIZE - 1)[None, :, None]
-    # [NG, BLOCK_SIZE, BLOCK_M]
-    b_s3 = tl.reshape(b_st, [NG, BLOCK_SIZE, BLOCK_M])
-    b_dp3 = tl.reshape(b_dpt, [NG, BLOCK_SIZE, BLOCK_M])
-    # [NG, BLOCK_M]
-    b_g = tl.max(tl.where(m_lm, b_s3, float("-inf")), 1)
-    b_gate = tl.exp2(b_g - b_lse[None, :])
-    if MASKED:
-        i_blk = i_n // BLOCK_SIZE + tl.arange(0, NG)
-        q_blk = o_pos // BLOCK_SIZE
-        m_early = i_blk[:, None] < q_blk[None, :]
-        m_own = i_blk[:, None] == q_blk[None, :]
-        o_k3 = i_n + tl.arange(0, NG)[:, None] * BLOCK_SIZE + o_t[None, :]
-        m_reg = (m_early[:, None, :] | (m_own[:, None, :] & (o_k3[:, :, None] <= o_pos[None, None, :]))) & (~m_lm)
-        b_sr = tl.where(m_reg, b_s3, float("-inf"))
-        b_gm = tl.max(b_sr, 1)
-        b_gm = tl.where(b_gm == float("-inf"), 0.0, b_gm)
-        b_e3 = tl.exp2(b_sr - b_gm[:, None, :])
-        b_z = tl.maximum(tl.sum(b_e3, 1), 1.0)
-        b_pbar = tl.sum(b_e3 * b_dp3, 1) / b_z
-        b_r = tl.where(m_early, b_gate / b_z, tl.where(m_own, tl.exp2(b_gm - b_lse[None, :]), 0.0))
-        b_base = tl.where(m_early, b_pbar, b_delta[None, :])
-        b_dlm = tl.where(m_early, b_gate * (b_pbar - b_delta[None, :]), 0.0)
+def _dkdv_step(b_dkt, b_dvt, b_kt, b_vt, p_q, p_do, p_lse, p_delta, i_m, i_n, n_q, n_off, qk_scale, stride_qn,
+               stride_don, MASKED: tl.constexpr, MASK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+               BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """One query tile's contribution to the (transposed) dK/dV accumulators of a key tile. The score tile is
+    [BLOCK_M, BLOCK_N] (queries x keys), so the per-block reductions run along a row, inside one warp; the
+    products are taken as dV^T += dO^T w and dK^T += q^T ds, so that w and ds enter the tensor cores as the
+    shared-memory operand (no transpose of a register tile) and dO^T, q^T are views of tiles already there."""
+    o_i = i_m + tl.arange(0, BLOCK_M)
+    # [BLOCK_M, D_PAD]
+    b_q = _load_tile(p_q, o_i, n_q, stride_qn, MASK_ROWS, HEAD_DIM, D_PAD)
+    b_do = _load_tile(p_do, o_i, n_q, stride_don, MASK_ROWS, HEAD_DIM, D_PAD)
+    # [BLOCK_M]; padded rows get lse = +inf, hence zero weights
+    if MASK_ROWS:
+        b_lse = tl.load(p_lse + o_i, mask=o_i < n_q, other=float("inf"))
+        b_delta = tl.load(p_delta + o_i, mask=o_i < n_q, other=0.0)
     else:
-        b_sr = tl.where(m_lm, float("-inf"), b_s3)
-        b_gm = tl.max(b_sr, 1)
-        b_e3 = tl.exp2(b_sr - b_gm[:, None, :])
-        b_z = tl.sum(b_e3, 1)
-        b_pbar = tl.sum(b_e3 * b_dp3, 1) / b_z
-        b_r = b_gate / b_z
-        b_base = b_pbar
-        b_dlm = b_gate * (b_pbar - b_delta[None, :])
-    b_w3 = b_e3 * b_r[:, None, :]
-    b_ds3 = tl.where(m_lm, b_dlm[:, None, :], b_w3 * (b_dp3 - b_base[:, None, :]))
-    return tl.reshape(b_w3, [BLOCK_N, BLOCK_M]), tl.reshape(b_ds3, [BLOCK_N, BLOCK_M])
+        b_lse = tl.load(p_lse + o_i)
+        b_delta = tl.load(p_delta + o_i)
+    # [BLOCK_M, BLOCK_N]
+    b_s = _dot(b_q, b_kt, DOT_PRECISION, UPCAST_DOT)
+    b_dp = _dot(b_do, b_vt, DOT_PRECISION, UPCAST_DOT)
+    b_w, b_ds = _bwd_weights(b_s, qk_scale, b_dp, b_lse, b_delta, n_off + o_i, i_n, MASKED, BLOCK_SIZE, BLOCK_M,
+                             BLOCK_N)
+    # [D_PAD, BLOCK_N]
+    b_dvt += _dot(tl.trans(b_do), b_w.to(b_do.dtype), DOT_PRECISION, UPCAST_DOT)
+    b_dkt += _dot(tl.trans(b_q), b_ds.to(b_q.dtype), DOT_PRECISION, UPCAST_DOT)
+    return b_dkt, b_dvt
 
 
 @triton.jit(do_not_specialize=["n_q", "n_k"])
@@ -347,7 +356,6 @@ def _landmark_bwd_dkdv_kernel(
 
     o_k = i_n + tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, D_PAD)
-    o_m = tl.arange(0, BLOCK_M)
     m_k = o_k < n_k
     m_d = o_d < HEAD_DIM
 
@@ -356,14 +364,18 @@ def _landmark_bwd_dkdv_kernel(
     # [BLOCK_N, D_PAD]
     b_k = tl.load(p_k + o_k[:, None] * stride_kn + o_d[None, :], mask=m_k[:, None] & m_d[None, :], other=0.0)
     b_v = tl.load(p_v + o_k[:, None] * stride_vn + o_d[None, :], mask=m_k[:, None] & m_d[None, :], other=0.0)
-    b_dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
-    b_dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
+    # [D_PAD, BLOCK_N], transposed once here so that the loop only reads them
+    b_kt, b_vt = tl.trans(b_k), tl.trans(b_v)
+    # [D_PAD, BLOCK_N]
+    b_dkt = tl.zeros([D_PAD, BLOCK_N], dtype=tl.float32)
+    b_dvt = tl.zeros([D_PAD, BLOCK_N], dtype=tl.float32)
 
     # query tiles: [i_lo, i_mid) see this key tile on their diagonal (masked path), [i_mid, n_q) only see
     # complete earlier blocks in it (fast path); queries before i_lo cannot see it (causality)
     i_lo = tl.maximum(i_n - n_off, 0) // BLOCK_M * BLOCK_M
     n_q_ceil = tl.cdiv(n_q, BLOCK_M) * BLOCK_M
     i_mid = tl.minimum(tl.maximum(tl.cdiv(i_n + BLOCK_N - n_off, BLOCK_M) * BLOCK_M, i_lo), n_q_ceil)
+    i_full = n_q // BLOCK_M * BLOCK_M
     for i_g in range(KV_GROUP):
         i_h = i_hk * KV_GROUP + i_g
         i_bhq = i_b * (KV_HEADS * KV_GROUP) + i_h
@@ -372,39 +384,22 @@ def _landmark_bwd_dkdv_kernel(
         p_lse = lse + i_bhq.to(tl.int64) * n_q
         p_delta = delta + i_bhq.to(tl.int64) * n_q
         for i_m in range(i_lo, i_mid, BLOCK_M):
-            o_i = i_m + o_m
-            m_i = o_i < n_q
-            # [D_PAD, BLOCK_M]
-            b_qt = tl.load(p_q + o_i[None, :] * stride_qn + o_d[:, None], mask=m_i[None, :] & m_d[:, None], other=0.0)
-            # [BLOCK_M, D_PAD]
-            b_do = tl.load(p_do + o_i[:, None] * stride_don + o_d[None, :], mask=m_i[:, None] & m_d[None, :],
-                           other=0.0)
-            # [BLOCK_M]; padded rows get lse = +inf, hence zero weights
-            b_lse = tl.load(p_lse + o_i, mask=m_i, other=float("inf"))
-            b_delta = tl.load(p_delta + o_i, mask=m_i, other=0.0)
-            # [BLOCK_N, BLOCK_M]
-            b_st = _dot(b_k, b_qt, DOT_PRECISION, UPCAST_DOT) * qk_scale
-            b_dpt = _dot(b_v, tl.trans(b_do), DOT_PRECISION, UPCAST_DOT)
-            b_wt, b_dst = _bwd_weights_t(b_st, b_dpt, b_lse, b_delta, n_off + o_i, i_n, True, BLOCK_SIZE, BLOCK_M,
-                                         BLOCK_N)
-            b_dv += _dot(b_wt.to(b_do.dtype), b_do, DOT_PRECISION, UPCAST_DOT)
-            b_dk += _dot(b_dst.to(b_qt.dtype), tl.trans(b_qt), DOT_PRECISION, UPCAST_DOT)
-        for i_m in range(i_mid, n_q, BLOCK_M):
-            o_i = i_m + o_m
-            m_i = o_i < n_q
-            b_qt = tl.load(p_q + o_i[None, :] * stride_qn + o_d[:, None], mask=m_i[None, :] & m_d[:, None], other=0.0)
-            b_do = tl.load(p_do + o_i[:, None] * stride_don + o_d[None, :], mask=m_i[:, None] & m_d[None, :],
-                           other=0.0)
-            b_lse = tl.load(p_lse + o_i, mask=m_i, other=float("inf"))
-            b_delta = tl.load(p_delta + o_i, mask=m_i, other=0.0)
-            b_st = _dot(b_k, b_qt, DOT_PRECISION, UPCAST_DOT) * qk_scale
-            b_dpt = _dot(b_v, tl.trans(b_do), DOT_PRECISION, UPCAST_DOT)
-            b_wt, b_dst = _bwd_weights_t(b_st, b_dpt, b_lse, b_delta, n_off + o_i, i_n, False, BLOCK_SIZE, BLOCK_M,
-                                         BLOCK_N)
-            b_dv += _dot(b_wt.to(b_do.dtype), b_do, DOT_PRECISION, UPCAST_DOT)
-            b_dk += _dot(b_dst.to(b_qt.dtype), tl.trans(b_qt), DOT_PRECISION, UPCAST_DOT)
+            b_dkt, b_dvt = _dkdv_step(b_dkt, b_dvt, b_kt, b_vt, p_q, p_do, p_lse, p_delta, i_m, i_n, n_q, n_off,
+                                      qk_scale, stride_qn, stride_don, True, True, HEAD_DIM, D_PAD, BLOCK_SIZE,
+                                      DOT_PRECISION, UPCAST_DOT, BLOCK_M, BLOCK_N)
+        for i_m in range(i_mid, i_full, BLOCK_M):
+            b_dkt, b_dvt = _dkdv_step(b_dkt, b_dvt, b_kt, b_vt, p_q, p_do, p_lse, p_delta, i_m, i_n, n_q, n_off,
+                                      qk_scale, stride_qn, stride_don, False, False, HEAD_DIM, D_PAD, BLOCK_SIZE,
+                                      DOT_PRECISION, UPCAST_DOT, BLOCK_M, BLOCK_N)
+        # the last, partial query tile (if it is not on the diagonal)
+        for i_m in range(tl.maximum(i_full, i_mid), n_q, BLOCK_M):
+            b_dkt, b_dvt = _dkdv_step(b_dkt, b_dvt, b_kt, b_vt, p_q, p_do, p_lse, p_delta, i_m, i_n, n_q, n_off,
+                                      qk_scale, stride_qn, stride_don, False, True, HEAD_DIM, D_PAD, BLOCK_SIZE,
+                                      DOT_PRECISION, UPCAST_DOT, BLOCK_M, BLOCK_N)
 
-    b_dk = b_dk * sm_scale
+    # [BLOCK_N, D_PAD]
+    b_dk = tl.trans(b_dkt * sm_scale)
+    b_dv = tl.trans(b_dvt)
     p_dk = dk + i_b.to(tl.int64) * stride_dkb + i_hk.to(tl.int64) * stride_dkh
     p_dv = dv + i_b.to(tl.int64) * stride_dvb + i_hk.to(tl.int64) * stride_dvh
     tl.store(p_dk + o_k[:, None] * stride_dkn + o_d[None, :], b_dk.to(dk.dtype.element_ty),
@@ -456,21 +451,20 @@ def _landmark_bwd_dq_kernel(
     for i_n in range(0, n_lo, BLOCK_N):
         o_k = i_n + o_n
         # [BLOCK_N, D_PAD]
-        b_k = tl.load(p_k + o_k[:, None] * stride_kn + o_d[None, :], mask=m_d[None, :], other=0.0)
-        b_v = tl.load(p_v + o_k[:, None] * stride_vn + o_d[None, :], mask=m_d[None, :], other=0.0)
+        b_k = _load_tile(p_k, o_k, n_k, stride_kn, False, HEAD_DIM, D_PAD)
+        b_v = _load_tile(p_v, o_k, n_k, stride_vn, False, HEAD_DIM, D_PAD)
         # [BLOCK_M, BLOCK_N]
-        b_s = _dot(b_q, tl.trans(b_k), DOT_PRECISION, UPCAST_DOT) * qk_scale
+        b_s = _dot(b_q, tl.trans(b_k), DOT_PRECISION, UPCAST_DOT)
         b_dp = _dot(b_do, tl.trans(b_v), DOT_PRECISION, UPCAST_DOT)
-        _, b_ds = _bwd_weights(b_s, b_dp, b_lse, b_delta, o_pos, i_n, False, BLOCK_SIZE, BLOCK_M, BLOCK_N)
+        _, b_ds = _bwd_weights(b_s, qk_scale, b_dp, b_lse, b_delta, o_pos, i_n, False, BLOCK_SIZE, BLOCK_M, BLOCK_N)
         b_dq += _dot(b_ds.to(b_k.dtype), b_k, DOT_PRECISION, UPCAST_DOT)
     for i_n in range(n_lo, n_hi, BLOCK_N):
         o_k = i_n + o_n
-        m_k = o_k < n_k
-        b_k = tl.load(p_k + o_k[:, None] * stride_kn + o_d[None, :], mask=m_k[:, None] & m_d[None, :], other=0.0)
-        b_v = tl.load(p_v + o_k[:, None] * stride_vn + o_d[None, :], mask=m_k[:, None] & m_d[None, :], other=0.0)
-        b_s = _dot(b_q, tl.trans(b_k), DOT_PRECISION, UPCAST_DOT) * qk_scale
+        b_k = _load_tile(p_k, o_k, n_k, stride_kn, True, HEAD_DIM, D_PAD)
+        b_v = _load_tile(p_v, o_k, n_k, stride_vn, True, HEAD_DIM, D_PAD)
+        b_s = _dot(b_q, tl.trans(b_k), DOT_PRECISION, UPCAST_DOT)
         b_dp = _dot(b_do, tl.trans(b_v), DOT_PRECISION, UPCAST_DOT)
-        _, b_ds = _bwd_weights(b_s, b_dp, b_lse, b_delta, o_pos, i_n, True, BLOCK_SIZE, BLOCK_M, BLOCK_N)
+        _, b_ds = _bwd_weights(b_s, qk_scale, b_dp, b_lse, b_delta, o_pos, i_n, True, BLOCK_SIZE, BLOCK_M, BLOCK_N)
         b_dq += _dot(b_ds.to(b_k.dtype), b_k, DOT_PRECISION, UPCAST_DOT)
 
     b_dq = b_dq * sm_scale
@@ -494,12 +488,12 @@ _FWD_CONFIGS = [
     _cfg(128, 128, 8, 3),
     _cfg(64, 64, 4, 3),
 ]
-# dK/dV holds two [BLOCK_N, head_dim] fp32 accumulators: BLOCK_M = 64 with BLOCK_N = 128 spills on sm_90
+# dK/dV holds two [head_dim, BLOCK_N] fp32 accumulators; BLOCK_N = 128 spills on sm_90 (registers)
 _DKDV_CONFIGS = [
-    _cfg(32, 128, 8, 2),
-    _cfg(32, 128, 8, 3),
-    _cfg(32, 64, 4, 3),
-    _cfg(16, 128, 8, 3),
+    _cfg(128, 64, 8, 2),
+    _cfg(64, 64, 8, 3),
+    _cfg(64, 64, 4, 3),
+    _cfg(128, 32, 8, 2),
 ]
 _DQ_CONFIGS = [
     _cfg(128, 64, 8, 2),
@@ -592,8 +586,11 @@ def _check_inputs(q, k, v, block_size, sm_scale):
     if n_k < n_q:
         raise ValueError(f"landmark_attention: the keys ({n_k}) must be at least as many as the queries ({n_q}): "
                          "the queries are the last n_q of the n_k positions. Pass the history with k and v.")
-    if sm_scale is not None and not isinstance(sm_scale, (int, float)):
+    if sm_scale is not None and (isinstance(sm_scale, bool) or not isinstance(sm_scale, (int, float))):
         raise TypeError(f"landmark_attention: sm_scale must be a float or None, got {type(sm_scale).__name__}.")
+    if sm_scale is not None and not sm_scale > 0:
+        raise ValueError(f"landmark_attention: sm_scale must be positive (the kernel takes maxima of unscaled "
+                         f"scores), got {sm_scale}.")
 
 
 def _inner_contiguous(t):

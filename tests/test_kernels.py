@@ -76,22 +76,34 @@ def make_inputs(batch, q_heads, kv_heads, n_q, n_k, head_dim, dtype, layout="bhn
     return rand(q_heads, n_q), rand(kv_heads, n_k), rand(kv_heads, n_k)
 
 
+def reference_outputs(q, k, v, do, block_size, sm_scale=None):
+    """Output and dq, dk, dv of the float64 reference (on the CPU, where it was written to run)."""
+    q, k, v = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
+    out = landmark_attention_reference(q, k, v, block_size, sm_scale)
+    out.backward(do.detach().cpu().double())
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def kernel_outputs(q, k, v, do, block_size, sm_scale=None):
+    """Output and dq, dk, dv of the kernel, every allocation poisoned with NaN."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    with poisoned_allocations():
+        out = landmark_attention(q, k, v, block_size, sm_scale)
+        out.backward(do)
+    assert out.dtype == q.dtype and q.grad.dtype == q.dtype and k.grad.dtype == q.dtype
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def assert_all_close(outputs, expected, dtype):
+    for name, actual, ref in zip(("out", "dq", "dk", "dv"), outputs, expected):
+        assert_close(name, actual.cpu(), ref, dtype)
+
+
 def check_against_reference(q, k, v, block_size, sm_scale=None):
     """Forward and dq, dk, dv of the kernel vs the reference's autograd, one shared random dO."""
-    dtype = q.dtype
     do = torch.randn_like(q)
-    q1, k1, v1 = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    with poisoned_allocations():
-        out = landmark_attention(q1, k1, v1, block_size, sm_scale)
-        out.backward(do)
-    q2, k2, v2 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref = landmark_attention_reference(q2, k2, v2, block_size, sm_scale)
-    ref.backward(do.double())
-    assert out.dtype == dtype and q1.grad.dtype == dtype and k1.grad.dtype == dtype
-    assert_close("out", out, ref, dtype)
-    assert_close("dq", q1.grad, q2.grad, dtype)
-    assert_close("dk", k1.grad, k2.grad, dtype)
-    assert_close("dv", v1.grad, v2.grad, dtype)
+    expected = reference_outputs(q, k, v, do, block_size, sm_scale)
+    assert_all_close(kernel_outputs(q, k, v, do, block_size, sm_scale), expected, q.dtype)
 
 
 # (batch, q_heads, kv_heads, n_q, n_k, head_dim, block_size, dtype)
@@ -209,11 +221,13 @@ def test_every_config_bf16(which, monkeypatch):
     """Whatever the autotuner picks must be right: run each config of one kernel on its own."""
     tuned = {"fwd": kernel_module._fwd_tuned, "dkdv": kernel_module._dkdv_tuned, "dq": kernel_module._dq_tuned}[which]
     block_size = 64
-    q, k, v = make_inputs(1, 8, 4, 700, 1000, 128, torch.bfloat16, layout="bnhd")
+    q, k, v = make_inputs(1, 8, 2, 700, 1000, 128, torch.bfloat16, layout="bnhd")
+    do = torch.randn_like(q)
+    expected = reference_outputs(q, k, v, do, block_size)
     for cfg in _valid_configs(tuned.configs, block_size):
         monkeypatch.setattr(tuned, "configs", [cfg])
         monkeypatch.setattr(tuned, "cache", {})
-        check_against_reference(q, k, v, block_size)
+        assert_all_close(kernel_outputs(q, k, v, do, block_size), expected, torch.bfloat16)
 
 
 @pytest.mark.cuda
