@@ -319,9 +319,13 @@ def test_fsdp_on_two_processes_matches_one_process(folders, tmp_path):
     assert all(torch.equal(resumed_state[name], tensor) for name, tensor in fsdp_state.items())
 
 
-def test_bf16_autocast_training_runs(folders, tmp_path):
-    trainer = run(folders, tmp_path, "--max_steps", "2", "--bf16")
-    assert trainer.state.global_step == 2
+def test_bf16_autocast_training_follows_fp32(folders, tmp_path):
+    """--bf16 (autocast over fp32 weights, the recipes' precision) on the eager attention path: it trains, and its
+    first losses stay within bf16 noise of the fp32 run's."""
+    bf16 = logged_losses(run(folders, tmp_path / "bf16", "--max_steps", "3", "--bf16").state.log_history)
+    fp32 = logged_losses(run(folders, tmp_path / "fp32", "--max_steps", "3").state.log_history)
+    assert sorted(bf16) == [1, 2, 3]
+    assert all(abs(bf16[step] - fp32[step]) < 0.05 for step in fp32), (bf16, fp32)
 
 
 RECIPES = Path(__file__).resolve().parents[1] / "train" / "recipes"
@@ -330,7 +334,7 @@ RECIPES = Path(__file__).resolve().parents[1] / "train" / "recipes"
 @pytest.mark.parametrize("recipe", ["llama7b_fsdp_8gpu.sh", "llama7b_lora_1gpu.sh"])
 def test_recipe_options_train_the_tiny_model(folders, tmp_path, recipe):
     """Each recipe's exact option list (captured by stub launchers), run on the tiny stock Llama for 2 steps on CPU
-    with only the scale and the GPU-only precision options overridden: the options parse and train."""
+    with only the scale and --tf32 (GPU only) overridden: the options parse and train, bf16 included."""
     stubs = tmp_path / "bin"
     stubs.mkdir()
     for launcher in ("torchrun", "python"):
@@ -344,7 +348,7 @@ def test_recipe_options_train_the_tiny_model(folders, tmp_path, recipe):
     assert "--block_size" in argv and argv[argv.index("--block_size") + 1] == "51"
 
     scale = ["--max_steps", "2", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
-             "--preprocessing_num_workers", "1", "--use_cpu", "--bf16", "false", "--tf32", "false",
+             "--preprocessing_num_workers", "1", "--use_cpu", "--tf32", "false",
              "--report_to", "none", "--dataloader_num_workers", "0", "--disable_tqdm", "true"]
     if "--fsdp" in argv:  # FSDP needs several processes: two gloo ones stand in for the 8 GPUs
         facts = launch_two_processes(argv + scale, tmp_path / "report.json")
