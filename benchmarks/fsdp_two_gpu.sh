@@ -80,7 +80,8 @@ for run in ("fsdp_fp32", "single_fp32"):
     models[run] = AutoModelForCausalLM.from_pretrained(work / run, trust_remote_code=True).cuda().eval()
     assert type(models[run]).__module__.startswith("transformers_modules"), type(models[run]).__module__
 tokenizer = AutoTokenizer.from_pretrained(work / "fsdp_fp32", trust_remote_code=True)
-ids = tokenizer(" ".join(["three four five six seven eight nine zero one two"] * 60), return_tensors="pt").input_ids.cuda()
+text = " ".join(["three four five six seven eight nine zero one two"] * 60)
+ids = tokenizer(text, return_tensors="pt").input_ids.cuda()
 with torch.no_grad():
     logit_gap = (models["fsdp_fp32"](ids).logits - models["single_fp32"](ids).logits).abs().max().item()
 

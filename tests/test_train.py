@@ -48,7 +48,7 @@ def folders(tmp_path_factory):
         "stock": stock,
         "landmark": landmark,
         "corpus": write_counting_corpus(root / "corpus.txt", 200),
-        "small_corpus": write_counting_corpus(root / "small.txt", 25),  # 5 steps an epoch at batch 4
+        "small_corpus": write_counting_corpus(root / "small.txt", 25),  # 22 windows: 6 steps an epoch
     }
 
 
@@ -139,7 +139,7 @@ class StopAt(TrainerCallback):
 
 
 def test_resume_continues_exactly(folders, tmp_path, monkeypatch):
-    # Cosine schedule with warmup, weight decay, and an epoch boundary (5 steps an epoch) in the resumed half.
+    # Cosine schedule with warmup, weight decay, and an epoch boundary (after step 6) in the resumed half.
     schedule = ["--max_steps", "10", "--save_steps", "5", "--save_strategy", "steps", "--warmup_steps", "0.2",
                 "--lr_scheduler_type", "cosine", "--weight_decay", "0.1"]
     whole = run(folders, tmp_path / "whole", *schedule, corpus="small_corpus")
@@ -268,7 +268,8 @@ def launch_two_processes(argv, report):
     launcher.write_text(FSDP_ON_CPU)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(launcher), str(report), *argv]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return json.loads(report.read_text())
 

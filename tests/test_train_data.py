@@ -52,7 +52,8 @@ def test_tokenize_and_pack_keeps_order_skips_empty_documents_and_never_emits_the
 
 def test_local_text_and_jsonl_files_and_globs(tmp_path):
     (tmp_path / "a.txt").write_text("first document\nsecond document\n")
-    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"body": t, "meta": {"i": i}}) for i, t in enumerate("xyz")))
+    lines = [json.dumps({"body": text, "meta": {"i": i}}) for i, text in enumerate("xyz")]
+    (tmp_path / "b.jsonl").write_text("\n".join(lines))
     (tmp_path / "c.jsonl").write_text(json.dumps({"body": "w", "meta": {"j": "s"}}))
     assert load_documents(str(tmp_path / "a.txt"))["text"] == ["first document", "second document"]
     documents = load_documents(str(tmp_path / "*.jsonl"), text_column="body")  # `meta` differs between the files

@@ -22,7 +22,9 @@ def pack_documents(documents, eos_token_id, context_length):
     a window is dropped, as the stock `run_clm` grouping does. Returns a list of windows (lists of token ids).
     """
     if context_length <= 0:
-        raise ValueError(f"train_context_length must be positive, got {context_length}; pass --train_context_length N.")
+        raise ValueError(
+            f"train_context_length must be positive, got {context_length}; pass --train_context_length N."
+        )
     stream = []
     for document in documents:
         stream.extend(document)

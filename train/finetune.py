@@ -64,7 +64,8 @@ class ModelArguments:
         metadata={"help": "Module names that get LoRA adapters."},
     )
     merge_lora: bool = field(
-        default=False, metadata={"help": "After LoRA training, also write the merged full model to <output_dir>/merged."}
+        default=False,
+        metadata={"help": "After LoRA training, also write the merged full model to <output_dir>/merged."},
     )
     fsdp_transformer_layer_cls_to_wrap: str | None = field(
         default=None,
@@ -175,7 +176,7 @@ def load_model_and_tokenizer(model_args, data_args, training_args):
     if AutoConfig.from_pretrained(folder).model_type == "llama":
         source, folder = folder, Path(training_args.output_dir) / "landmark-llama-init"
         # Written where the Trainer writes (main process, or each node's with --save_on_each_node), read by all.
-        with training_args.main_process_first(local=training_args.save_on_each_node, desc="converting to landmark-llama"):
+        with training_args.main_process_first(local=training_args.save_on_each_node, desc="conversion"):
             if training_args.should_save:
                 convert_llama(source, folder, overwrite=True, **overrides)
                 logger.info(f"converted {source} to landmark-llama in {folder}")
@@ -191,10 +192,11 @@ def check_tokenizer(tokenizer, config, folder):
     landmark = config.landmark_token_id
     known = tokenizer.get_vocab().get(LANDMARK_TOKEN, landmark)
     if landmark is None or landmark >= len(tokenizer) or known != landmark:
+        elsewhere = "" if known == landmark else f" and {LANDMARK_TOKEN} at id {known}"
         raise ValueError(
             f"The tokenizer in {folder} has no landmark token (the model's landmark_token_id is {landmark}, the "
-            f"tokenizer has {len(tokenizer)} tokens{'' if known == landmark else f' and {LANDMARK_TOKEN} at id {known}'})."
-            " Use the tokenizer tools/convert_llama.py saved with the model, or convert the stock Llama again."
+            f"tokenizer has {len(tokenizer)} tokens{elsewhere}). Use the tokenizer tools/convert_llama.py saved with "
+            "the model, or convert the stock Llama again."
         )
     if tokenizer.eos_token_id is None:
         raise ValueError(f"The tokenizer in {folder} has no EOS token; documents are joined with EOS.")
@@ -234,7 +236,9 @@ def add_lora(model, model_args, tokenizer):
     rows = [model.config.landmark_token_id]
     if tokenizer.pad_token == PAD_TOKEN:
         rows.append(tokenizer.pad_token_id)
-    trainable_rows = {"embed_tokens": rows} if model.config.tie_word_embeddings else {"embed_tokens": rows, "lm_head": rows}
+    trainable_rows = {"embed_tokens": rows}
+    if not model.config.tie_word_embeddings:
+        trainable_rows["lm_head"] = rows
     config = LoraConfig(
         task_type="CAUSAL_LM",
         r=model_args.lora_r,
