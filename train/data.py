@@ -35,7 +35,8 @@ def pack_documents(documents, eos_token_id, context_length):
 
 
 def tokenize_and_pack(batch, tokenizer, text_column, context_length):
-    """`datasets.map` function (batched): text documents -> {"input_ids": windows}. Empty documents are skipped.
+    """`datasets.map` function (batched): text documents -> {"input_ids": windows}. Empty documents are skipped;
+    each map batch (1,000 documents by default) is packed on its own, so each drops its own short tail.
 
     `split_special_tokens=True` reads a literal "<landmark>" or "</s>" in the text as text, never as the control
     token, so no corpus can smuggle a landmark into the windows.
