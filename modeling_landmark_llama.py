@@ -236,6 +236,10 @@ class LandmarkLlamaPreTrainedModel(LlamaPreTrainedModel):
     _supports_flash_attn = False
     _supports_flex_attn = False
 
+    def __init__(self, config, *args, **kwargs):
+        config.validate_architecture()  # from_pretrained(..., block_size=1) sets fields after the config's own checks
+        super().__init__(config, *args, **kwargs)
+
     def get_correct_attn_implementation(self, requested_attention, is_init_check=False):
         """Landmark attention is the model: every softmax implementation request resolves to it."""
         if requested_attention not in (None, "eager", "sdpa", LANDMARK_ATTENTION):

@@ -22,6 +22,7 @@ def test_conversion_adds_tokens_and_keeps_the_stock_model(stock_folder, tmp_path
     tokenizer = AutoTokenizer.from_pretrained(out)
     stock_tokenizer = AutoTokenizer.from_pretrained(stock_folder)
     assert config["model_type"] == "landmark_llama" and config["block_size"] == 6 and config["retrieval_top_k"] == 3
+    assert config["use_cache"] is False  # no block-retrieval cache yet
     assert tokenizer.convert_ids_to_tokens(config["landmark_token_id"]) == "<landmark>"
     assert tokenizer.pad_token == "<pad>" and config["pad_token_id"] == tokenizer.pad_token_id
     assert config["vocab_size"] == len(tokenizer) == len(stock_tokenizer) + 2

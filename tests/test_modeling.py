@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from landmark_llama import LandmarkLlamaConfig
+from landmark_llama import LandmarkLlamaConfig, LandmarkLlamaForCausalLM
 from landmark_llama.modeling_landmark_llama import LandmarkLayout
 from tiny_models import LANDMARK_ID, PAD_ID, random_ids, tiny_landmark_config, tiny_landmark_model
 
@@ -168,6 +168,12 @@ def test_bad_inputs_get_clear_errors():
 def test_config_rejects_bad_values(overrides, message):
     with pytest.raises(Exception, match=message):
         tiny_landmark_config(**overrides)
+
+
+def test_from_pretrained_overrides_are_validated(tmp_path):
+    tiny_landmark_model().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="block_size must be at least 2"):
+        LandmarkLlamaForCausalLM.from_pretrained(tmp_path, block_size=1)
 
 
 def test_config_round_trip_keeps_landmark_fields(tmp_path):
