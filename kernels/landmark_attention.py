@@ -30,7 +30,10 @@ gate weight and Pbar_ic = sum_{j in c} u_ij dp_ij:
 then dq = scale * ds k, dk = scale * ds^T q, dv = w^T dO. It runs as three kernels: a preprocess
 (D = rowsum(dO * O)), one over key tiles for dK/dV (no atomics: the program of a key tile loops over all
 query heads of its key/value head and all query tiles, so the result is deterministic), one over query
-tiles for dQ.
+tiles for dQ. Every kernel works on [queries x keys] score tiles, so the per-block reductions stay inside
+a warp; dK/dV accumulate transposed (dK^T += q^T ds) so that w and ds feed the tensor cores from shared
+memory without a register transpose. Tiles whose blocks all lie before every query of the tile take a
+path without causal/bounds masks; only the diagonal tiles pay for them.
 
 Layout contract: q [batch, q_heads, n_q, head_dim]; k, v [batch, kv_heads, n_k, head_dim] with n_k >= n_q;
 the queries are the LAST n_q positions (query i sits at position n_k - n_q + i), so the same call
@@ -46,13 +49,22 @@ Supported: fp16, bf16 (fast path, fp32 scores and softmax statistics, fp32 accum
 the next power of two in registers and masked on load/store: head_dim 80 and 96 cost as much as 128);
 block_size a power of two from 2 to 128; any n_q <= n_k (incomplete last block, history not ending on a
 block boundary). Lengths are not specialised on (no recompilation when only lengths change); the
-autotuner keys on head_dim, block_size and dtype and tunes on the first shape it sees. GPUs: written
-and tuned for NVIDIA Hopper (H100), works on any GPU Triton supports (Ampere and later for bf16); also
-runs on CPU under TRITON_INTERPRET=1 (slow, for tests). Tested with triton 3.6 and 3.9.
+autotuner keys on head_dim, block_size, the GQA group and the dtypes, never on lengths, and keeps the
+choice made on the first shape it sees (LANDMARK_ATTN_AUTOTUNE=0 takes the first valid config of each
+list instead, e.g. in tests). GPUs: written and tuned on an H100 (sm_90), run there with triton 3.6;
+compiled for sm_90 with triton 3.9; other NVIDIA GPUs that Triton supports are untested. Also runs on the
+CPU under TRITON_INTERPRET=1 (slow; for the tests).
+
+Speed (H100 SXM, bf16, batch 1, 32 heads of 128, block_size 64; benchmarks/results/attention_h100.md):
+forward 400-455 TFLOP/s at 8k-32k tokens (torch SDPA flash 310-350, cuDNN 550-610); forward+backward
+310-330 TFLOP/s, level with SDPA flash and about 1.6-1.75x the time of cuDNN. Peak memory is linear in
+the length (the saved logsumexp and D are [batch, q_heads, n_q] fp32).
 
 Limitations: head_dim > 128 and block_size > 128 are refused (register pressure; use the eager path);
-no dropout; no attention mask; no cache/retrieval (this is the training form of section 1 of the spec).
-The backward recomputes scores in both the dK/dV and the dQ kernel (7 matrix products instead of 5).
+sm_scale must be positive; no dropout; no attention mask; no cache/retrieval (this is the training form
+of section 1 of the spec). The backward recomputes scores in both the dK/dV and the dQ kernel (7 matrix
+products instead of 5), and without warp specialisation the softmax-like work of a tile does not overlap
+the tensor-core work of the next: that, not memory, bounds the backward.
 """
 
 import math
