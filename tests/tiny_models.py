@@ -14,7 +14,8 @@ def tiny_landmark_config(**overrides):
     settings = dict(landmark_token_id=LANDMARK_ID, pad_token_id=PAD_ID, block_size=8, attention_backend="eager")
     settings.update(overrides)
     llama = tiny_llama_config(VOCAB).to_dict()
-    fields = {k: v for k, v in llama.items() if k in LandmarkLlamaConfig.__dataclass_fields__ and k not in settings}
+    derived = {"head_dim"}  # follows hidden_size / num_attention_heads unless overridden
+    fields = {k: v for k, v in llama.items() if k in LandmarkLlamaConfig.__dataclass_fields__ and k not in settings.keys() | derived}
     return LandmarkLlamaConfig(**fields, **settings)
 
 
