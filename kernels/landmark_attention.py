@@ -500,18 +500,20 @@ _FWD_CONFIGS = [
     _cfg(128, 128, 8, 3),
     _cfg(64, 64, 4, 3),
 ]
-# dK/dV holds two [head_dim, BLOCK_N] fp32 accumulators; BLOCK_N = 128 spills on sm_90 (registers)
+# dK/dV holds two [head_dim, BLOCK_N] fp32 accumulators; BLOCK_N = 128 with BLOCK_M >= 64 spills on sm_90
 _DKDV_CONFIGS = [
     _cfg(128, 64, 8, 2),
     _cfg(64, 64, 8, 3),
     _cfg(64, 64, 4, 3),
     _cfg(128, 32, 8, 2),
+    _cfg(32, 128, 8, 2),  # for block_size 128 (the only width that holds a block without spilling much)
 ]
 _DQ_CONFIGS = [
     _cfg(128, 64, 8, 2),
     _cfg(128, 64, 8, 3),
     _cfg(64, 64, 4, 3),
     _cfg(64, 64, 4, 2),
+    _cfg(64, 128, 8, 2),  # for block_size 128
 ]
 # Used under TRITON_INTERPRET=1 (CPU tests): small tiles, no autotuning.
 _INTERPRET_BLOCK_M = 16
