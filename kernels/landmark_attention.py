@@ -221,7 +221,7 @@ def _landmark_fwd_kernel(
         # [BLOCK_N, D_PAD]
         b_k = _load_tile(p_k, o_k, n_k, stride_kn, False, HEAD_DIM, D_PAD)
         b_v = _load_tile(p_v, o_k, n_k, stride_vn, False, HEAD_DIM, D_PAD)
-        # [BLOCK_M, BLOCK_N] scores, fp32, log2 units
+        # [BLOCK_M, BLOCK_N] raw q.k products, fp32 (scaled inside _fwd_weights)
         b_s = _dot(b_q, tl.trans(b_k), DOT_PRECISION, UPCAST_DOT)
         b_p, b_m_new, b_l_new = _fwd_weights(b_s, qk_scale, b_m, o_pos, i_n, False, BLOCK_SIZE, BLOCK_M, BLOCK_N)
         b_alpha = tl.exp2(b_m - b_m_new)
