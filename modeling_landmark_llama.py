@@ -24,13 +24,13 @@ from .configuration_landmark_llama import LandmarkLlamaConfig
 
 
 try:
+    from .kernels.landmark_attention import MAX_HEAD_DIM as TRITON_MAX_HEAD_DIM
     from .kernels.landmark_attention import landmark_attention as landmark_triton_attention
 except ImportError:  # no Triton (a CPU-only install): the eager path serves every device
-    landmark_triton_attention = None
+    landmark_triton_attention, TRITON_MAX_HEAD_DIM = None, 0
 
 
 LANDMARK_ATTENTION = "landmark_attention"
-TRITON_HEAD_DIMS = (64, 80, 96, 128)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -139,10 +139,10 @@ def _use_triton(config, query, dropout):
         problems.append("Triton is not installed")
     if not query.is_cuda:
         problems.append(f"the tensors are on {query.device.type}, the kernel needs CUDA")
-    if query.shape[-1] not in TRITON_HEAD_DIMS:
-        problems.append(f"head_dim {query.shape[-1]} is not one of {TRITON_HEAD_DIMS}")
-    if config.block_size & (config.block_size - 1):
-        problems.append(f"block_size {config.block_size} is not a power of two")
+    if query.shape[-1] > TRITON_MAX_HEAD_DIM:
+        problems.append(f"head_dim {query.shape[-1]} is above the kernel's {TRITON_MAX_HEAD_DIM}")
+    if config.block_size & (config.block_size - 1) or config.block_size > 128:
+        problems.append(f"block_size {config.block_size} is not a power of two up to 128")
     if dropout > 0:
         problems.append("the kernel has no attention dropout")
     if config.attention_backend == "auto":

@@ -71,14 +71,21 @@ import math
 import os
 
 import torch
-import triton
-import triton.language as tl
 
-__all__ = ["landmark_attention", "landmark_attn_fwd", "landmark_attn_bwd", "LandmarkAttnFunction"]
+
+# Guarded so that transformers' remote-code import check (which skips try blocks) does not demand Triton on
+# machines that only run the eager path; the model catches this ImportError and falls back.
+try:
+    import triton
+    import triton.language as tl
+except ImportError as error:
+    raise ImportError("landmark_attention needs Triton (pip install triton); the eager path works without it.") from error
+
+__all__ = ["landmark_attention", "landmark_attn_fwd", "landmark_attn_bwd", "LandmarkAttnFunction", "MAX_HEAD_DIM"]
 
 _LOG2E = 1.4426950408889634
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MAX_HEAD_DIM = 128
+MAX_HEAD_DIM = 128
 _MAX_BLOCK_SIZE = 128
 
 
@@ -591,9 +598,9 @@ def _check_inputs(q, k, v, block_size, sm_scale):
         raise ValueError(f"landmark_attention: q has batch {batch} but k/v have batch {kv_batch}.")
     if kv_head_dim != head_dim:
         raise ValueError(f"landmark_attention: q has head_dim {head_dim} but k/v have {kv_head_dim}; they must match.")
-    if not 1 <= head_dim <= _MAX_HEAD_DIM:
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"landmark_attention: head_dim {head_dim} is not supported; the kernel handles head_dim "
-                         f"1..{_MAX_HEAD_DIM}. Use the eager path for larger heads.")
+                         f"1..{MAX_HEAD_DIM}. Use the eager path for larger heads.")
     if kv_heads == 0 or q_heads % kv_heads:
         raise ValueError(f"landmark_attention: q_heads ({q_heads}) must be a multiple of kv_heads ({kv_heads}) for "
                          "grouped-query attention.")

@@ -81,3 +81,13 @@ def test_saved_folder_loads_as_remote_code_in_a_clean_process(tmp_path):
     assert torch.equal(loaded["logits"], expected.logits)
     assert torch.equal(loaded["again"], expected.logits)
     torch.testing.assert_close(loaded["hidden"], model.model(ids).last_hidden_state, atol=0, rtol=0)
+
+
+def test_hub_import_check_does_not_demand_triton(tmp_path):
+    """transformers checks a downloaded folder's top-level imports; Triton must stay optional (CPU machines)."""
+    from transformers.dynamic_module_utils import get_imports
+
+    tiny_landmark_model().save_pretrained(tmp_path)
+    required = set().union(*(get_imports(path) for path in tmp_path.glob("*.py")))
+    assert "triton" not in required
+    assert {"torch", "transformers"} <= required
