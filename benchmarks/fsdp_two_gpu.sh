@@ -12,8 +12,11 @@
 # within 1e-2). Writes OUT_DIR/fsdp_two_gpu.json and .md (device, versions, date, command, curves, verdicts) and
 # exits non-zero when a check fails.
 #
-# Not run yet: it was written in a session without a two-GPU machine, where the same comparison ran on CPU with
-# two gloo processes instead (tests/test_train.py::test_fsdp_on_two_processes_matches_one_process).
+# Not completed yet. On 2026-11-23 one attempt ran on nvidia-h200-x2 (torch 2.11, transformers 5.17; datasets, dill
+# and multiprocess carried as wheels; `python` provided as a wrapper script around the image's python3). It ran past
+# the 560 s limit of the call, and nothing came back (no output, no files), so the cause is unknown. Next try: STEPS=20
+# first, and tee each run's log into OUT_DIR so a slow or hung stage shows. On CPU, the same comparison runs with two
+# gloo processes (tests/test_train.py::test_fsdp_on_two_processes_matches_one_process).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
