@@ -6,8 +6,10 @@ saved folder also loads without `trust_remote_code` wherever this package is ins
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .configuration_landmark_llama import LandmarkLlamaConfig
-from .modeling_landmark_llama import LandmarkLlamaForCausalLM, LandmarkLlamaModel
+# Absolute imports: pytest imports this file by path when collecting the repository (the root is the package),
+# under whatever name the checkout's folder gives it; the installed package resolves the same files.
+from landmark_llama.configuration_landmark_llama import LandmarkLlamaConfig
+from landmark_llama.modeling_landmark_llama import LandmarkLlamaForCausalLM, LandmarkLlamaModel
 
 
 __version__ = "0.1.0"
