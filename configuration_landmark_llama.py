@@ -52,7 +52,9 @@ class LandmarkLlamaConfig(LlamaConfig):
         """Part of `@strict` validation: the landmark fields must describe a model that can run."""
         super().validate_architecture()
         if self.block_size < 2:
-            raise ValueError(f"block_size must be at least 2 (one regular token and the landmark), got {self.block_size}.")
+            raise ValueError(
+                f"block_size must be at least 2 (one regular token and the landmark), got {self.block_size}."
+            )
         if self.train_context_length <= 0:
             raise ValueError(f"train_context_length must be positive, got {self.train_context_length}.")
         if self.retrieval_top_k < 1:
@@ -63,13 +65,15 @@ class LandmarkLlamaConfig(LlamaConfig):
             if not 0 <= self.landmark_token_id < self.vocab_size:
                 raise ValueError(
                     f"landmark_token_id {self.landmark_token_id} is outside the vocabulary (size {self.vocab_size}). "
-                    "Add a `<landmark>` token to the tokenizer and resize the embeddings (tools/convert_llama.py does both)."
+                    "Add a `<landmark>` token to the tokenizer and resize the embeddings "
+                    "(tools/convert_llama.py does both)."
                 )
             for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
                 ids = getattr(self, name)
                 if self.landmark_token_id in (ids if isinstance(ids, list) else [ids]):
                     raise ValueError(
-                        f"landmark_token_id {self.landmark_token_id} is also the {name}; the landmark needs an id of its own."
+                        f"landmark_token_id {self.landmark_token_id} is also the {name}; "
+                        "the landmark needs an id of its own."
                     )
 
 

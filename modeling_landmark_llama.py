@@ -65,50 +65,44 @@ class LandmarkEagerAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, value, n_k, block_size, scaling):
         with torch.autocast(query.device.type, enabled=False):  # fp32 scores even inside a bf16 autocast region
-            return LandmarkEagerAttention._forward(ctx, query, key, value, n_k, block_size, scaling)
-
-    @staticmethod
-    def _forward(ctx, query, key, value, n_k, block_size, scaling):
-        earlier_block, visible = _block_structure(query.shape[-2], n_k, block_size, query.device)
-        scores = torch.matmul(query.float(), key.float().transpose(-1, -2)).mul_(scaling)
-        blocks = scores.unflatten(-1, (-1, block_size))
-        shift = (blocks[..., -1] - torch.logsumexp(blocks[..., :-1], dim=-1)).masked_fill_(~earlier_block, 0.0)
-        blocks.add_(shift[..., None])
-        scores.masked_fill_(~visible, float("-inf"))  # every row sees at least one key: no empty softmax
-        weights = scores.sub_(scores.amax(-1, keepdim=True)).exp_()  # softmax in place: no second fp32 tensor
-        weights.div_(weights.sum(-1, keepdim=True))
-        ctx.save_for_backward(query, key, value, weights)
-        ctx.mark_non_differentiable(weights)
-        ctx.n_k, ctx.block_size, ctx.scaling = n_k, block_size, scaling
-        return torch.matmul(weights.to(value.dtype), value), weights
+            earlier_block, visible = _block_structure(query.shape[-2], n_k, block_size, query.device)
+            scores = torch.matmul(query.float(), key.float().transpose(-1, -2)).mul_(scaling)
+            blocks = scores.unflatten(-1, (-1, block_size))
+            shift = (blocks[..., -1] - torch.logsumexp(blocks[..., :-1], dim=-1)).masked_fill_(~earlier_block, 0.0)
+            blocks.add_(shift[..., None])
+            scores.masked_fill_(~visible, float("-inf"))  # every row sees at least one key: no empty softmax
+            weights = scores.sub_(scores.amax(-1, keepdim=True)).exp_()  # softmax in place: no second fp32 tensor
+            weights.div_(weights.sum(-1, keepdim=True))
+            ctx.save_for_backward(query, key, value, weights)
+            ctx.mark_non_differentiable(weights)
+            ctx.n_k, ctx.block_size, ctx.scaling = n_k, block_size, scaling
+            return torch.matmul(weights.to(value.dtype), value), weights
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output, grad_weights):
         with torch.autocast(grad_output.device.type, enabled=False):
-            return LandmarkEagerAttention._backward(ctx, grad_output)
+            query, key, value, weights = ctx.saved_tensors
+            block_size = ctx.block_size
+            earlier_block, _ = _block_structure(query.shape[-2], ctx.n_k, block_size, query.device)
+            grad_output = grad_output.float()
 
-    @staticmethod
-    def _backward(ctx, grad_output):
-        query, key, value, weights = ctx.saved_tensors
-        block_size = ctx.block_size
-        earlier_block, _ = _block_structure(query.shape[-2], ctx.n_k, block_size, query.device)
-        grad_output = grad_output.float()
+            grad_value = torch.matmul(weights.transpose(-1, -2), grad_output).sum(2, keepdim=True)
+            grad_scores = torch.matmul(grad_output, value.float().transpose(-1, -2)).mul_(weights)  # a_ij
+            row_total = grad_scores.sum(-1, keepdim=True)[..., None]  # D_i
+            blocks = grad_scores.unflatten(-1, (-1, block_size))
+            weight_blocks = weights.unflatten(-1, (-1, block_size))
+            block_total = blocks[..., :-1].sum(-1, keepdim=True)  # A_ic
+            block_mass = weight_blocks[..., :-1].sum(-1, keepdim=True)  # G_ic
+            block_mean = torch.where(block_mass > 0, block_total / block_mass, 0.0)
+            earlier = earlier_block[..., None]
+            blocks.addcmul_(weight_blocks, torch.where(earlier, block_mean, row_total), value=-1)
+            blocks[..., -1:] = torch.where(earlier, block_total - block_mass * row_total, 0.0)
 
-        grad_value = torch.matmul(weights.transpose(-1, -2), grad_output).sum(2, keepdim=True)
-        grad_scores = torch.matmul(grad_output, value.float().transpose(-1, -2)).mul_(weights)  # a_ij
-        row_total = grad_scores.sum(-1, keepdim=True)[..., None]  # D_i
-        blocks, weight_blocks = grad_scores.unflatten(-1, (-1, block_size)), weights.unflatten(-1, (-1, block_size))
-        block_total = blocks[..., :-1].sum(-1, keepdim=True)  # A_ic
-        block_mass = weight_blocks[..., :-1].sum(-1, keepdim=True)  # G_ic
-        block_mean = torch.where(block_mass > 0, block_total / block_mass, 0.0)
-        earlier = earlier_block[..., None]
-        blocks.addcmul_(weight_blocks, torch.where(earlier, block_mean, row_total), value=-1)
-        blocks[..., -1:] = torch.where(earlier, block_total - block_mass * row_total, 0.0)
-
-        grad_query = torch.matmul(grad_scores, key.float()).mul_(ctx.scaling)
-        grad_key = torch.matmul(grad_scores.transpose(-1, -2), query.float()).sum(2, keepdim=True).mul_(ctx.scaling)
-        return grad_query.to(query.dtype), grad_key.to(key.dtype), grad_value.to(value.dtype), None, None, None
+            grad_query = torch.matmul(grad_scores, key.float()).mul_(ctx.scaling)
+            grad_key = torch.matmul(grad_scores.transpose(-1, -2), query.float()).sum(2, keepdim=True)
+            grad_key.mul_(ctx.scaling)
+            return grad_query.to(query.dtype), grad_key.to(key.dtype), grad_value.to(value.dtype), None, None, None
 
 
 def landmark_eager_attention(query, key, value, block_size, scaling, dropout=0.0, training=False):
@@ -290,7 +284,9 @@ class LandmarkLlamaModel(LandmarkLlamaPreTrainedModel, LlamaModel):
             )
         landmark_token_id = self.config.landmark_token_id
         if landmark_token_id is None:
-            raise ValueError("config.landmark_token_id is not set; convert the checkpoint with tools/convert_llama.py.")
+            raise ValueError(
+                "config.landmark_token_id is not set; convert the checkpoint with tools/convert_llama.py."
+            )
         if input_ids is not None:
             if (input_ids == landmark_token_id).any():
                 raise ValueError(
@@ -300,7 +296,9 @@ class LandmarkLlamaModel(LandmarkLlamaPreTrainedModel, LlamaModel):
             inputs_embeds = self.embed_tokens(input_ids)
         batch, length = inputs_embeds.shape[:2]
         if attention_mask is not None and attention_mask.dim() != 2:
-            raise ValueError(f"attention_mask must be [batch, length] of 0/1, got shape {tuple(attention_mask.shape)}.")
+            raise ValueError(
+                f"attention_mask must be [batch, length] of 0/1, got shape {tuple(attention_mask.shape)}."
+            )
         _check_default_positions(position_ids, attention_mask, batch, length)
 
         layout = LandmarkLayout.build(attention_mask, batch, length, self.config.block_size, inputs_embeds.device)
@@ -309,7 +307,9 @@ class LandmarkLlamaModel(LandmarkLlamaPreTrainedModel, LlamaModel):
         internal_positions = torch.arange(layout.internal_length, device=inputs_embeds.device)[None]
 
         kwargs["return_dict"] = True
-        outputs = super().forward(inputs_embeds=internal_embeds, position_ids=internal_positions, use_cache=False, **kwargs)
+        outputs = super().forward(
+            inputs_embeds=internal_embeds, position_ids=internal_positions, use_cache=False, **kwargs
+        )
         outputs.last_hidden_state = layout.extract(outputs.last_hidden_state)
         if outputs.hidden_states is not None:
             outputs.hidden_states = tuple(layout.extract(states) for states in outputs.hidden_states)
@@ -382,7 +382,9 @@ def export_remote_code(save_directory):
     for name in _RELATIVE_IMPORT.findall(files["modeling_landmark_llama.py"]):
         candidates = [path for path in (here / f"{name}.py", here / "kernels" / f"{name}.py") if path.exists()]
         if not candidates:
-            raise FileNotFoundError(f"modeling_landmark_llama imports .{name}, but {name}.py is not beside it or in kernels/.")
+            raise FileNotFoundError(
+                f"modeling_landmark_llama imports .{name}, but {name}.py is not beside it or in kernels/."
+            )
         files[f"{name}.py"] = candidates[0].read_text(encoding="utf-8")
     for name, text in files.items():
         temporary = Path(save_directory) / f".{name}.tmp"

@@ -33,7 +33,9 @@ def _inputs(batch, q_heads, kv_heads, n_q, n_k, head_dim, dtype, seed):
 
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
 @pytest.mark.parametrize("batch,q_heads,kv_heads,n_q,n_k,head_dim,block_size", SHAPES)
-def test_eager_matches_reference_with_gradients(batch, q_heads, kv_heads, n_q, n_k, head_dim, block_size, dtype, atol, rtol):
+def test_eager_matches_reference_with_gradients(
+    batch, q_heads, kv_heads, n_q, n_k, head_dim, block_size, dtype, atol, rtol
+):
     q, k, v = _inputs(batch, q_heads, kv_heads, n_q, n_k, head_dim, dtype, seed=n_q * 31 + block_size)
     out, _ = landmark_eager_attention(q, k, v, block_size, 1 / math.sqrt(head_dim))
     grad_out = torch.randn_like(out)
@@ -47,7 +49,9 @@ def test_eager_matches_reference_with_gradients(batch, q_heads, kv_heads, n_q, n
     torch.testing.assert_close(out.double(), expected, atol=atol, rtol=rtol)
     for name, grad, expected_grad in zip("qkv", grads, expected_grads):
         scale = expected_grad.abs().max().item()  # gradients sum many terms: compare relative to their size
-        torch.testing.assert_close(grad.double(), expected_grad, atol=atol * max(scale, 1.0), rtol=rtol, msg=f"d{name}")
+        torch.testing.assert_close(
+            grad.double(), expected_grad, atol=atol * max(scale, 1.0), rtol=rtol, msg=f"d{name}"
+        )
 
 
 def test_paper_worked_example():

@@ -9,7 +9,9 @@ from tiny_models import random_ids, tiny_landmark_model
 
 pytestmark = [
     pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available() or landmark_triton_attention is None, reason="needs CUDA and Triton"),
+    pytest.mark.skipif(
+        not torch.cuda.is_available() or landmark_triton_attention is None, reason="needs CUDA and Triton"
+    ),
 ]
 
 # head_dim 64: the kernel's sizes; two layers so errors compound as in a real stack.

@@ -16,11 +16,13 @@ def _stock_twin(model):
     return stock
 
 
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+
 @pytest.mark.parametrize("overrides", [{}, {"tie_word_embeddings": True}, {"attention_bias": True},
-                                       {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                                                            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                                            "original_max_position_embeddings": 64}},
-                                       {"head_dim": 32}], ids=["base", "tied", "bias", "llama3-rope", "head-dim-32"])
+                                       {"rope_parameters": LLAMA3_ROPE}, {"head_dim": 32}],
+                         ids=["base", "tied", "bias", "llama3-rope", "head-dim-32"])
 def test_matches_stock_llama_below_one_block(overrides):
     model = tiny_landmark_model(**overrides)
     stock = _stock_twin(model)

@@ -38,7 +38,9 @@ def _read_llama_config(source):
         raise ValueError(f"{source} is not a Llama checkpoint: config.json has model_type={model_type!r}.")
     if not any(source.glob("*.safetensors")):
         pickled = sorted(path.name for path in source.glob("*.bin"))
-        hint = f" It has {pickled}: pickle files can run code and are not read; save them as safetensors first." if pickled else ""
+        hint = ""
+        if pickled:
+            hint = f" It has {pickled}: pickle files can run code and are not read; save them as safetensors first."
         raise ValueError(f"{source} has no safetensors weights.{hint}")
     return config
 
