@@ -1,4 +1,5 @@
-"""save_pretrained -> AutoModelForCausalLM.from_pretrained(trust_remote_code=True) where the project is NOT importable."""
+"""save_pretrained, then AutoModelForCausalLM.from_pretrained(trust_remote_code=True) where the project is NOT
+importable."""
 
 import json
 import os
@@ -10,17 +11,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from tiny_models import random_ids, tiny_landmark_model
+from tiny_models import BLOCK_PROJECT_IMPORTS, random_ids, tiny_landmark_model
 
 # Runs in a fresh interpreter: the project's import names are blocked, so every class must come from the folder.
-LOADER = textwrap.dedent(
+LOADER = BLOCK_PROJECT_IMPORTS + textwrap.dedent(
     """
-    import importlib.abc, importlib.util, json, sys
-    class BlockProject(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] == "landmark_llama":
-                raise ImportError(f"{name} is blocked: the saved folder must be self-contained")
-    sys.meta_path.insert(0, BlockProject())
+    import importlib.util, json, sys
     try:
         importlib.util.find_spec("landmark_llama")
         raise SystemExit("the project is importable; the test would prove nothing")

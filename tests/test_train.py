@@ -23,6 +23,7 @@ from landmark_llama import LandmarkLlamaForCausalLM
 from landmark_llama.tools.convert_llama import convert_llama
 from landmark_llama.tools.tiny_llama import build_tiny_llama
 from landmark_llama.train import finetune
+from tiny_models import BLOCK_PROJECT_IMPORTS
 
 DIGITS = "zero one two three four five six seven eight nine".split()
 BLOCK, CONTEXT = 8, 32  # a window of 32 tokens spans 5 landmark blocks
@@ -74,16 +75,9 @@ def some_ids(folder, batch=2):
 
 
 # A fresh interpreter that cannot import this package: the folder must load from its own code files.
-REMOTE_CODE_LOGITS = textwrap.dedent(
+REMOTE_CODE_LOGITS = BLOCK_PROJECT_IMPORTS + textwrap.dedent(
     """
-    import importlib.abc, sys
-
-    class BlockProject(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] == "landmark_llama":
-                raise ImportError(f"{name} is blocked: the folder must load from its own code files")
-
-    sys.meta_path.insert(0, BlockProject())
+    import sys
     import torch
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM

@@ -1,4 +1,6 @@
-"""Tiny landmark models for CPU tests."""
+"""Tiny landmark models for CPU tests, and the import blocker for fresh-interpreter checks."""
+
+import textwrap
 
 import torch
 
@@ -15,7 +17,8 @@ def tiny_landmark_config(**overrides):
     settings.update(overrides)
     llama = tiny_llama_config(VOCAB).to_dict()
     derived = {"head_dim"}  # follows hidden_size / num_attention_heads unless overridden
-    fields = {k: v for k, v in llama.items() if k in LandmarkLlamaConfig.__dataclass_fields__ and k not in settings.keys() | derived}
+    skip = settings.keys() | derived
+    fields = {k: v for k, v in llama.items() if k in LandmarkLlamaConfig.__dataclass_fields__ and k not in skip}
     return LandmarkLlamaConfig(**fields, **settings)
 
 
@@ -28,3 +31,19 @@ def random_ids(batch, length, seed=1):
     """Plain token ids: never the landmark, never the pad id."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(1, LANDMARK_ID, (batch, length), generator=generator)
+
+
+# Starts every script run in a fresh interpreter to prove a saved folder is self-contained: `landmark_llama` is
+# installed (editable), so it is blocked there and every class must come from the folder's own code files.
+BLOCK_PROJECT_IMPORTS = textwrap.dedent(
+    """
+    import importlib.abc, sys
+
+    class BlockProject(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "landmark_llama":
+                raise ImportError(f"{name} is blocked: the folder must load from its own code files")
+
+    sys.meta_path.insert(0, BlockProject())
+    """
+)
