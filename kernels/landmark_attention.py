@@ -63,8 +63,10 @@ the length (the saved logsumexp and D are [batch, q_heads, n_q] fp32).
 Limitations: head_dim > 128 and block_size > 128 are refused (register pressure; use the eager path);
 sm_scale must be positive; no dropout; no attention mask; no cache/retrieval (this is the training form
 of section 1 of the spec). The backward recomputes scores in both the dK/dV and the dQ kernel (7 matrix
-products instead of 5), and without warp specialisation the softmax-like work of a tile does not overlap
-the tensor-core work of the next: that, not memory, bounds the backward.
+products instead of 5; adding dQ atomically from the dK/dV kernel instead was measured slower, up to 2x at
+32k tokens, from the atomic traffic: benchmarks/results/tile_sweep_h100.md), and without warp specialisation
+the softmax-like work of a tile does not overlap the tensor-core work of the next: that, not memory, bounds
+the backward.
 """
 
 import math
@@ -79,7 +81,8 @@ try:
     import triton
     import triton.language as tl
 except ImportError as error:
-    raise ImportError("landmark_attention needs Triton (pip install triton); the eager path works without it.") from error
+    raise ImportError("landmark_attention needs Triton (pip install triton); the eager path works without it."
+                      ) from error
 
 __all__ = ["landmark_attention", "landmark_attn_fwd", "landmark_attn_bwd", "LandmarkAttnFunction", "MAX_HEAD_DIM"]
 
@@ -128,6 +131,78 @@ def _load_tile(p, o_r, n_r, stride_r, MASK_ROWS: tl.constexpr, HEAD_DIM: tl.cons
 
 
 @triton.jit
+def _store_tile(p, o_r, n_r, stride_r, b_t, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+    """Store the [len(o_r), D_PAD] tile b_t, cast to p's element type, to the rows o_r < n_r and columns < HEAD_DIM."""
+    o_d = tl.arange(0, D_PAD)
+    tl.store(p + o_r[:, None] * stride_r + o_d[None, :], b_t.to(p.dtype.element_ty),
+             mask=(o_r < n_r)[:, None] & (o_d < HEAD_DIM)[None, :])
+
+
+@triton.jit
+def _head(p, i_b, i_h, stride_b, stride_h):
+    """Pointer to the [n, head_dim] matrix of batch i_b, head i_h (64-bit offsets: large tensors overflow int32)."""
+    return p + i_b.to(tl.int64) * stride_b + i_h.to(tl.int64) * stride_h
+
+
+@triton.jit
+def _query_tile(q, k, v, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_vb, stride_vh, n_q, n_k,
+                Q_HEADS: tl.constexpr, KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+                BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Where the program of a query-tile kernel (forward, dQ) works: grid (batch * q_heads, query tiles), the
+    heaviest (last) query tiles first for all heads, so the causal tail does not straggle.
+
+    Returns the (batch * q_heads) index, batch and query head, the tile's query rows o_i and their key
+    positions, the split of its key range ([0, n_lo) holds whole blocks earlier than the block of the tile's
+    first query: no masks; [n_lo, n_hi) is the diagonal: causal, own-block and bounds masks), the pointers to
+    its key/value head and its [BLOCK_M, D_PAD] query tile.
+    """
+    i_bh = tl.program_id(0)
+    i_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    i_b, i_h = i_bh // Q_HEADS, i_bh % Q_HEADS
+    n_off = n_k - n_q
+    o_i = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_lo = (n_off + i_m * BLOCK_M) // BLOCK_SIZE * BLOCK_SIZE // BLOCK_N * BLOCK_N
+    n_hi = tl.minimum(n_off + (i_m + 1) * BLOCK_M, n_k)
+    p_k = _head(k, i_b, i_h // KV_GROUP, stride_kb, stride_kh)
+    p_v = _head(v, i_b, i_h // KV_GROUP, stride_vb, stride_vh)
+    b_q = _load_tile(_head(q, i_b, i_h, stride_qb, stride_qh), o_i, n_q, stride_qn, True, HEAD_DIM, D_PAD)
+    return i_bh, i_b, i_h, o_i, n_off + o_i, n_lo, n_hi, p_k, p_v, b_q
+
+
+@triton.jit
+def _diagonal_masks(b_s3, o_pos, i_n, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Block structure of a tile that may hold the queries' own blocks or lie past them (the diagonal).
+
+    b_s3: [BLOCK_M, NG, BLOCK_SIZE] scores seen block by block; o_pos: [BLOCK_M] query positions; i_n: first key
+    position of the tile. Returns [BLOCK_M, NG] masks of the blocks earlier than each query's block (gated) and
+    of its own block (local), and the scores of the visible regular keys (-inf for landmarks, the future and
+    other blocks).
+    """
+    NG: tl.constexpr = BLOCK_N // BLOCK_SIZE
+    o_t = tl.arange(0, BLOCK_SIZE)
+    i_blk = i_n // BLOCK_SIZE + tl.arange(0, NG)
+    q_blk = o_pos // BLOCK_SIZE
+    m_early = i_blk[None, :] < q_blk[:, None]
+    m_own = i_blk[None, :] == q_blk[:, None]
+    # [NG, BLOCK_SIZE] key positions
+    o_k3 = i_n + tl.arange(0, NG)[:, None] * BLOCK_SIZE + o_t[None, :]
+    m_reg = (m_early[:, :, None] | (m_own[:, :, None] & (o_k3[None, :, :] <= o_pos[:, None, None])))
+    m_reg = m_reg & (o_t != BLOCK_SIZE - 1)[None, None, :]
+    return m_early, m_own, tl.where(m_reg, b_s3, float("-inf"))
+
+
+@triton.jit
+def _key_tile(b_q, p_k, p_v, i_n, n_k, stride_kn, stride_vn, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
+              D_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key and value tiles [BLOCK_N, D_PAD] at key position i_n (rows past n_k zero where MASKED) and the raw
+    fp32 products q.k [BLOCK_M, BLOCK_N] of a query-tile kernel."""
+    o_k = i_n + tl.arange(0, BLOCK_N)
+    b_k = _load_tile(p_k, o_k, n_k, stride_kn, MASKED, HEAD_DIM, D_PAD)
+    b_v = _load_tile(p_v, o_k, n_k, stride_vn, MASKED, HEAD_DIM, D_PAD)
+    return b_k, b_v, _dot(b_q, tl.trans(b_k), DOT_PRECISION, UPCAST_DOT)
+
+
+@triton.jit
 def _fwd_weights(b_s, qk_scale, b_m, o_pos, i_n, MASKED: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Unnormalised weights of one score tile for the online softmax.
@@ -148,16 +223,7 @@ def _fwd_weights(b_s, qk_scale, b_m, o_pos, i_n, MASKED: tl.constexpr, BLOCK_SIZ
     # [BLOCK_M, NG] landmark logit (gate) of each block
     b_g = tl.max(tl.where(m_lm, b_s3, float("-inf")), 2) * qk_scale
     if MASKED:
-        i_blk = i_n // BLOCK_SIZE + tl.arange(0, NG)
-        q_blk = o_pos // BLOCK_SIZE
-        # [BLOCK_M, NG]: block relation, earlier (gated) or own (local)
-        m_early = i_blk[None, :] < q_blk[:, None]
-        m_own = i_blk[None, :] == q_blk[:, None]
-        # [NG, BLOCK_SIZE] key positions
-        o_k3 = i_n + tl.arange(0, NG)[:, None] * BLOCK_SIZE + o_t[None, :]
-        # [BLOCK_M, NG, BLOCK_SIZE] visible regular keys
-        m_reg = (m_early[:, :, None] | (m_own[:, :, None] & (o_k3[None, :, :] <= o_pos[:, None, None]))) & (~m_lm)
-        b_sr = tl.where(m_reg, b_s3, float("-inf"))
+        m_early, m_own, b_sr = _diagonal_masks(b_s3, o_pos, i_n, BLOCK_SIZE, BLOCK_M, BLOCK_N)
         # [BLOCK_M, NG] per-block maximum over visible regular keys
         b_gm = tl.max(b_sr, 2) * qk_scale
         # largest exponent a block contributes: its gate (earlier) or its maximum (own)
@@ -183,6 +249,24 @@ def _fwd_weights(b_s, qk_scale, b_m, o_pos, i_n, MASKED: tl.constexpr, BLOCK_SIZ
     return b_p, b_m_new, b_l
 
 
+@triton.jit
+def _fwd_step(b_acc, b_m, b_l, b_q, p_k, p_v, i_n, n_k, stride_kn, stride_vn, qk_scale, o_pos, MASKED: tl.constexpr,
+              HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              UPCAST_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One key tile of the online softmax: returns the updated accumulator, running maximum and running sum."""
+    # raw q.k products, scaled inside _fwd_weights
+    b_k, b_v, b_s = _key_tile(b_q, p_k, p_v, i_n, n_k, stride_kn, stride_vn, MASKED, HEAD_DIM, D_PAD, DOT_PRECISION,
+                              UPCAST_DOT, BLOCK_N)
+    b_p, b_m_new, b_l_new = _fwd_weights(b_s, qk_scale, b_m, o_pos, i_n, MASKED, BLOCK_SIZE, BLOCK_M, BLOCK_N)
+    if MASKED:
+        # a row that has seen no visible key yet keeps its empty state
+        b_alpha = tl.where(b_m_new == float("-inf"), 1.0, tl.exp2(b_m - b_m_new))
+    else:
+        b_alpha = tl.exp2(b_m - b_m_new)
+    b_acc = b_acc * b_alpha[:, None] + _dot(b_p.to(b_v.dtype), b_v, DOT_PRECISION, UPCAST_DOT)
+    return b_acc, b_m_new, b_l * b_alpha + b_l_new
+
+
 @triton.jit(do_not_specialize=["n_q", "n_k"])
 def _landmark_fwd_kernel(
     q, k, v, o, lse,
@@ -195,63 +279,21 @@ def _landmark_fwd_kernel(
     BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    i_bh = tl.program_id(0)
-    # heaviest (last) query tiles first, for all heads, so the causal tail does not straggle
-    i_m = tl.num_programs(1) - 1 - tl.program_id(1)
-    i_b, i_h = i_bh // Q_HEADS, i_bh % Q_HEADS
-    i_hk = i_h // KV_GROUP
-    n_off = n_k - n_q
-
-    o_i = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    o_pos = n_off + o_i
-    o_d = tl.arange(0, D_PAD)
-    o_n = tl.arange(0, BLOCK_N)
-    m_i = o_i < n_q
-    m_d = o_d < HEAD_DIM
-
-    p_q = q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
-    p_k = k + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
-    p_v = v + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
-    # [BLOCK_M, D_PAD]
-    b_q = tl.load(p_q + o_i[:, None] * stride_qn + o_d[None, :], mask=m_i[:, None] & m_d[None, :], other=0.0)
-
+    i_bh, i_b, i_h, o_i, o_pos, n_lo, n_hi, p_k, p_v, b_q = _query_tile(
+        q, k, v, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_vb, stride_vh, n_q, n_k, Q_HEADS,
+        KV_GROUP, HEAD_DIM, D_PAD, BLOCK_SIZE, BLOCK_M, BLOCK_N)
     b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
-
-    # key tiles [0, n_lo): whole blocks earlier than the block of the tile's first query (no masks);
-    # [n_lo, n_hi): the diagonal, with the causal/own-block/bounds masks
-    n_lo = (n_off + i_m * BLOCK_M) // BLOCK_SIZE * BLOCK_SIZE // BLOCK_N * BLOCK_N
-    n_hi = tl.minimum(n_off + (i_m + 1) * BLOCK_M, n_k)
     for i_n in range(0, n_lo, BLOCK_N):
-        o_k = i_n + o_n
-        # [BLOCK_N, D_PAD]
-        b_k = _load_tile(p_k, o_k, n_k, stride_kn, False, HEAD_DIM, D_PAD)
-        b_v = _load_tile(p_v, o_k, n_k, stride_vn, False, HEAD_DIM, D_PAD)
-        # [BLOCK_M, BLOCK_N] raw q.k products, fp32 (scaled inside _fwd_weights)
-        b_s = _dot(b_q, tl.trans(b_k), DOT_PRECISION, UPCAST_DOT)
-        b_p, b_m_new, b_l_new = _fwd_weights(b_s, qk_scale, b_m, o_pos, i_n, False, BLOCK_SIZE, BLOCK_M, BLOCK_N)
-        b_alpha = tl.exp2(b_m - b_m_new)
-        b_l = b_l * b_alpha + b_l_new
-        b_acc = b_acc * b_alpha[:, None] + _dot(b_p.to(b_v.dtype), b_v, DOT_PRECISION, UPCAST_DOT)
-        b_m = b_m_new
+        b_acc, b_m, b_l = _fwd_step(b_acc, b_m, b_l, b_q, p_k, p_v, i_n, n_k, stride_kn, stride_vn, qk_scale, o_pos,
+                                    False, HEAD_DIM, D_PAD, BLOCK_SIZE, DOT_PRECISION, UPCAST_DOT, BLOCK_M, BLOCK_N)
     for i_n in range(n_lo, n_hi, BLOCK_N):
-        o_k = i_n + o_n
-        b_k = _load_tile(p_k, o_k, n_k, stride_kn, True, HEAD_DIM, D_PAD)
-        b_v = _load_tile(p_v, o_k, n_k, stride_vn, True, HEAD_DIM, D_PAD)
-        b_s = _dot(b_q, tl.trans(b_k), DOT_PRECISION, UPCAST_DOT)
-        b_p, b_m_new, b_l_new = _fwd_weights(b_s, qk_scale, b_m, o_pos, i_n, True, BLOCK_SIZE, BLOCK_M, BLOCK_N)
-        b_alpha = tl.where(b_m_new == float("-inf"), 1.0, tl.exp2(b_m - b_m_new))
-        b_l = b_l * b_alpha + b_l_new
-        b_acc = b_acc * b_alpha[:, None] + _dot(b_p.to(b_v.dtype), b_v, DOT_PRECISION, UPCAST_DOT)
-        b_m = b_m_new
-
+        b_acc, b_m, b_l = _fwd_step(b_acc, b_m, b_l, b_q, p_k, p_v, i_n, n_k, stride_kn, stride_vn, qk_scale, o_pos,
+                                    True, HEAD_DIM, D_PAD, BLOCK_SIZE, DOT_PRECISION, UPCAST_DOT, BLOCK_M, BLOCK_N)
     # epilogue: normalise, store the output and the log2-sum-exp of the rows
-    b_acc = b_acc / b_l[:, None]
-    p_o = o + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
-    tl.store(p_o + o_i[:, None] * stride_on + o_d[None, :], b_acc.to(o.dtype.element_ty),
-             mask=m_i[:, None] & m_d[None, :])
-    tl.store(lse + i_bh.to(tl.int64) * n_q + o_i, b_m + tl.log2(b_l), mask=m_i)
+    _store_tile(_head(o, i_b, i_h, stride_ob, stride_oh), o_i, n_q, stride_on, b_acc / b_l[:, None], HEAD_DIM, D_PAD)
+    tl.store(lse + i_bh.to(tl.int64) * n_q + o_i, b_m + tl.log2(b_l), mask=o_i < n_q)
 
 
 @triton.jit(do_not_specialize=["n_q"])
@@ -265,13 +307,10 @@ def _landmark_bwd_preprocess_kernel(
     i_bh, i_m = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // Q_HEADS, i_bh % Q_HEADS
     o_i = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    o_d = tl.arange(0, D_PAD)
-    m_o = (o_i < n_q)[:, None] & (o_d < HEAD_DIM)[None, :]
-    p_o = o + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
-    p_do = do + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
     # [BLOCK_M, D_PAD]
-    b_o = tl.load(p_o + o_i[:, None] * stride_on + o_d[None, :], mask=m_o, other=0.0).to(tl.float32)
-    b_do = tl.load(p_do + o_i[:, None] * stride_don + o_d[None, :], mask=m_o, other=0.0).to(tl.float32)
+    b_o = _load_tile(_head(o, i_b, i_h, stride_ob, stride_oh), o_i, n_q, stride_on, True, HEAD_DIM, D_PAD)
+    b_do = _load_tile(_head(do, i_b, i_h, stride_dob, stride_doh), o_i, n_q, stride_don, True, HEAD_DIM, D_PAD)
+    b_o, b_do = b_o.to(tl.float32), b_do.to(tl.float32)
     tl.store(delta + i_bh.to(tl.int64) * n_q + o_i, tl.sum(b_o * b_do, 1), mask=o_i < n_q)
 
 
@@ -293,13 +332,7 @@ def _bwd_weights(b_s, qk_scale, b_dp, b_lse, b_delta, o_pos, i_n, MASKED: tl.con
     b_g = tl.max(tl.where(m_lm, b_s3, float("-inf")), 2) * qk_scale
     b_gate = tl.exp2(b_g - b_lse[:, None])
     if MASKED:
-        i_blk = i_n // BLOCK_SIZE + tl.arange(0, NG)
-        q_blk = o_pos // BLOCK_SIZE
-        m_early = i_blk[None, :] < q_blk[:, None]
-        m_own = i_blk[None, :] == q_blk[:, None]
-        o_k3 = i_n + tl.arange(0, NG)[:, None] * BLOCK_SIZE + o_t[None, :]
-        m_reg = (m_early[:, :, None] | (m_own[:, :, None] & (o_k3[None, :, :] <= o_pos[:, None, None]))) & (~m_lm)
-        b_sr = tl.where(m_reg, b_s3, float("-inf"))
+        m_early, m_own, b_sr = _diagonal_masks(b_s3, o_pos, i_n, BLOCK_SIZE, BLOCK_M, BLOCK_N)
         b_gm = tl.max(b_sr, 2) * qk_scale
         b_gm = tl.where(b_gm == float("-inf"), 0.0, b_gm)
         b_e3 = tl.exp2(b_sr * qk_scale - b_gm[:, :, None])
@@ -374,15 +407,9 @@ def _landmark_bwd_dkdv_kernel(
     i_n = i_n_tile * BLOCK_N
 
     o_k = i_n + tl.arange(0, BLOCK_N)
-    o_d = tl.arange(0, D_PAD)
-    m_k = o_k < n_k
-    m_d = o_d < HEAD_DIM
-
-    p_k = k + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
-    p_v = v + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
     # [BLOCK_N, D_PAD]
-    b_k = tl.load(p_k + o_k[:, None] * stride_kn + o_d[None, :], mask=m_k[:, None] & m_d[None, :], other=0.0)
-    b_v = tl.load(p_v + o_k[:, None] * stride_vn + o_d[None, :], mask=m_k[:, None] & m_d[None, :], other=0.0)
+    b_k = _load_tile(_head(k, i_b, i_hk, stride_kb, stride_kh), o_k, n_k, stride_kn, True, HEAD_DIM, D_PAD)
+    b_v = _load_tile(_head(v, i_b, i_hk, stride_vb, stride_vh), o_k, n_k, stride_vn, True, HEAD_DIM, D_PAD)
     # [D_PAD, BLOCK_N], transposed once here so that the loop only reads them
     b_kt, b_vt = tl.trans(b_k), tl.trans(b_v)
     # [D_PAD, BLOCK_N]
@@ -398,8 +425,8 @@ def _landmark_bwd_dkdv_kernel(
     for i_g in range(KV_GROUP):
         i_h = i_hk * KV_GROUP + i_g
         i_bhq = i_b * (KV_HEADS * KV_GROUP) + i_h
-        p_q = q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
-        p_do = do + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
+        p_q = _head(q, i_b, i_h, stride_qb, stride_qh)
+        p_do = _head(do, i_b, i_h, stride_dob, stride_doh)
         p_lse = lse + i_bhq.to(tl.int64) * n_q
         p_delta = delta + i_bhq.to(tl.int64) * n_q
         for i_m in range(i_lo, i_mid, BLOCK_M):
@@ -417,14 +444,22 @@ def _landmark_bwd_dkdv_kernel(
                                       DOT_PRECISION, UPCAST_DOT, BLOCK_M, BLOCK_N)
 
     # [BLOCK_N, D_PAD]
-    b_dk = tl.trans(b_dkt * sm_scale)
-    b_dv = tl.trans(b_dvt)
-    p_dk = dk + i_b.to(tl.int64) * stride_dkb + i_hk.to(tl.int64) * stride_dkh
-    p_dv = dv + i_b.to(tl.int64) * stride_dvb + i_hk.to(tl.int64) * stride_dvh
-    tl.store(p_dk + o_k[:, None] * stride_dkn + o_d[None, :], b_dk.to(dk.dtype.element_ty),
-             mask=m_k[:, None] & m_d[None, :])
-    tl.store(p_dv + o_k[:, None] * stride_dvn + o_d[None, :], b_dv.to(dv.dtype.element_ty),
-             mask=m_k[:, None] & m_d[None, :])
+    _store_tile(_head(dk, i_b, i_hk, stride_dkb, stride_dkh), o_k, n_k, stride_dkn, tl.trans(b_dkt * sm_scale),
+                HEAD_DIM, D_PAD)
+    _store_tile(_head(dv, i_b, i_hk, stride_dvb, stride_dvh), o_k, n_k, stride_dvn, tl.trans(b_dvt), HEAD_DIM, D_PAD)
+
+
+@triton.jit
+def _dq_step(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, i_n, n_k, stride_kn, stride_vn, qk_scale, o_pos,
+             MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+             DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One key tile's contribution to the (unscaled) dQ accumulator of a query tile."""
+    b_k, b_v, b_s = _key_tile(b_q, p_k, p_v, i_n, n_k, stride_kn, stride_vn, MASKED, HEAD_DIM, D_PAD, DOT_PRECISION,
+                              UPCAST_DOT, BLOCK_N)
+    # [BLOCK_M, BLOCK_N]
+    b_dp = _dot(b_do, tl.trans(b_v), DOT_PRECISION, UPCAST_DOT)
+    _, b_ds = _bwd_weights(b_s, qk_scale, b_dp, b_lse, b_delta, o_pos, i_n, MASKED, BLOCK_SIZE, BLOCK_M, BLOCK_N)
+    return b_dq + _dot(b_ds.to(b_k.dtype), b_k, DOT_PRECISION, UPCAST_DOT)
 
 
 @triton.jit(do_not_specialize=["n_q", "n_k"])
@@ -440,56 +475,21 @@ def _landmark_bwd_dq_kernel(
     BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    i_bh = tl.program_id(0)
-    i_m = tl.num_programs(1) - 1 - tl.program_id(1)
-    i_b, i_h = i_bh // Q_HEADS, i_bh % Q_HEADS
-    i_hk = i_h // KV_GROUP
-    n_off = n_k - n_q
-
-    o_i = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    o_pos = n_off + o_i
-    o_d = tl.arange(0, D_PAD)
-    o_n = tl.arange(0, BLOCK_N)
-    m_i = o_i < n_q
-    m_d = o_d < HEAD_DIM
-
-    p_q = q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
-    p_do = do + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
-    p_k = k + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
-    p_v = v + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
-    # [BLOCK_M, D_PAD]
-    b_q = tl.load(p_q + o_i[:, None] * stride_qn + o_d[None, :], mask=m_i[:, None] & m_d[None, :], other=0.0)
-    b_do = tl.load(p_do + o_i[:, None] * stride_don + o_d[None, :], mask=m_i[:, None] & m_d[None, :], other=0.0)
-    # [BLOCK_M]
-    b_lse = tl.load(lse + i_bh.to(tl.int64) * n_q + o_i, mask=m_i, other=float("inf"))
-    b_delta = tl.load(delta + i_bh.to(tl.int64) * n_q + o_i, mask=m_i, other=0.0)
+    i_bh, i_b, i_h, o_i, o_pos, n_lo, n_hi, p_k, p_v, b_q = _query_tile(
+        q, k, v, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_vb, stride_vh, n_q, n_k, Q_HEADS,
+        KV_GROUP, HEAD_DIM, D_PAD, BLOCK_SIZE, BLOCK_M, BLOCK_N)
+    b_do = _load_tile(_head(do, i_b, i_h, stride_dob, stride_doh), o_i, n_q, stride_don, True, HEAD_DIM, D_PAD)
+    # [BLOCK_M]; padded rows get lse = +inf, hence zero weights
+    b_lse = tl.load(lse + i_bh.to(tl.int64) * n_q + o_i, mask=o_i < n_q, other=float("inf"))
+    b_delta = tl.load(delta + i_bh.to(tl.int64) * n_q + o_i, mask=o_i < n_q, other=0.0)
     b_dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
-
-    n_lo = (n_off + i_m * BLOCK_M) // BLOCK_SIZE * BLOCK_SIZE // BLOCK_N * BLOCK_N
-    n_hi = tl.minimum(n_off + (i_m + 1) * BLOCK_M, n_k)
     for i_n in range(0, n_lo, BLOCK_N):
-        o_k = i_n + o_n
-        # [BLOCK_N, D_PAD]
-        b_k = _load_tile(p_k, o_k, n_k, stride_kn, False, HEAD_DIM, D_PAD)
-        b_v = _load_tile(p_v, o_k, n_k, stride_vn, False, HEAD_DIM, D_PAD)
-        # [BLOCK_M, BLOCK_N]
-        b_s = _dot(b_q, tl.trans(b_k), DOT_PRECISION, UPCAST_DOT)
-        b_dp = _dot(b_do, tl.trans(b_v), DOT_PRECISION, UPCAST_DOT)
-        _, b_ds = _bwd_weights(b_s, qk_scale, b_dp, b_lse, b_delta, o_pos, i_n, False, BLOCK_SIZE, BLOCK_M, BLOCK_N)
-        b_dq += _dot(b_ds.to(b_k.dtype), b_k, DOT_PRECISION, UPCAST_DOT)
+        b_dq = _dq_step(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, i_n, n_k, stride_kn, stride_vn, qk_scale, o_pos,
+                        False, HEAD_DIM, D_PAD, BLOCK_SIZE, DOT_PRECISION, UPCAST_DOT, BLOCK_M, BLOCK_N)
     for i_n in range(n_lo, n_hi, BLOCK_N):
-        o_k = i_n + o_n
-        b_k = _load_tile(p_k, o_k, n_k, stride_kn, True, HEAD_DIM, D_PAD)
-        b_v = _load_tile(p_v, o_k, n_k, stride_vn, True, HEAD_DIM, D_PAD)
-        b_s = _dot(b_q, tl.trans(b_k), DOT_PRECISION, UPCAST_DOT)
-        b_dp = _dot(b_do, tl.trans(b_v), DOT_PRECISION, UPCAST_DOT)
-        _, b_ds = _bwd_weights(b_s, qk_scale, b_dp, b_lse, b_delta, o_pos, i_n, True, BLOCK_SIZE, BLOCK_M, BLOCK_N)
-        b_dq += _dot(b_ds.to(b_k.dtype), b_k, DOT_PRECISION, UPCAST_DOT)
-
-    b_dq = b_dq * sm_scale
-    p_dq = dq + i_b.to(tl.int64) * stride_dqb + i_h.to(tl.int64) * stride_dqh
-    tl.store(p_dq + o_i[:, None] * stride_dqn + o_d[None, :], b_dq.to(dq.dtype.element_ty),
-             mask=m_i[:, None] & m_d[None, :])
+        b_dq = _dq_step(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, i_n, n_k, stride_kn, stride_vn, qk_scale, o_pos,
+                        True, HEAD_DIM, D_PAD, BLOCK_SIZE, DOT_PRECISION, UPCAST_DOT, BLOCK_M, BLOCK_N)
+    _store_tile(_head(dq, i_b, i_h, stride_dqb, stride_dqh), o_i, n_q, stride_dqn, b_dq * sm_scale, HEAD_DIM, D_PAD)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -501,25 +501,24 @@ def _cfg(block_m, block_n, num_warps, num_stages):
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
 
 
+# Each list keeps the configs that won somewhere in benchmarks/results/tile_sweep_h100.md (H100, head_dim 128,
+# block_size 64, 8k and 32k tokens), fastest first: the first valid one is what LANDMARK_ATTN_AUTOTUNE=0 takes.
 _FWD_CONFIGS = [
-    _cfg(128, 64, 8, 3),
-    _cfg(128, 128, 8, 2),
     _cfg(128, 128, 8, 3),
+    _cfg(128, 64, 8, 3),
     _cfg(64, 64, 4, 3),
 ]
 # dK/dV holds two [head_dim, BLOCK_N] fp32 accumulators; BLOCK_N = 128 with BLOCK_M >= 64 spills on sm_90
 _DKDV_CONFIGS = [
     _cfg(128, 64, 8, 2),
-    _cfg(64, 64, 8, 3),
     _cfg(64, 64, 4, 3),
     _cfg(128, 32, 8, 2),
     _cfg(32, 128, 8, 2),  # for block_size 128 (the only width that holds a block without spilling much)
 ]
 _DQ_CONFIGS = [
-    _cfg(128, 64, 8, 2),
     _cfg(128, 64, 8, 3),
-    _cfg(64, 64, 4, 3),
     _cfg(64, 64, 4, 2),
+    _cfg(64, 64, 4, 3),
     _cfg(64, 128, 8, 2),  # for block_size 128
 ]
 # Used under TRITON_INTERPRET=1 (CPU tests): small tiles, no autotuning.
