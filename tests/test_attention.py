@@ -27,7 +27,10 @@ SHAPES = [
 
 def _inputs(batch, q_heads, kv_heads, n_q, n_k, head_dim, dtype, seed):
     generator = torch.Generator().manual_seed(seed)
-    make = lambda heads, n: torch.randn(batch, heads, n, head_dim, generator=generator).to(dtype).requires_grad_()
+
+    def make(heads, n):
+        return torch.randn(batch, heads, n, head_dim, generator=generator).to(dtype).requires_grad_()
+
     return make(q_heads, n_q), make(kv_heads, n_k), make(kv_heads, n_k)
 
 

@@ -5,7 +5,6 @@ shapes. GPU: the same tests run on CUDA tensors, and `-m cuda` selects the real-
 """
 
 import contextlib
-import math
 
 import pytest
 import torch
