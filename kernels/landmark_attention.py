@@ -51,8 +51,9 @@ block_size a power of two from 2 to 128; any n_q <= n_k (incomplete last block, 
 block boundary). Lengths are not specialised on (no recompilation when only lengths change); the
 autotuner keys on head_dim, block_size, the GQA group and the dtypes, never on lengths, and keeps the
 choice made on the first shape it sees (LANDMARK_ATTN_AUTOTUNE=0 takes the first valid config of each
-list instead, e.g. in tests). GPUs: written and tuned on an H100 (sm_90), run there with triton 3.6;
-compiled for sm_90 with triton 3.9; other NVIDIA GPUs that Triton supports are untested. Also runs on the
+list instead, e.g. in tests). GPUs: written and tuned on an H100 (sm_90), run there with triton 3.6; every
+config is compiled for sm_90 by the CPU tests (tests/compile_kernels.py) with whatever Triton is installed (3.6
+and 3.9 checked); other NVIDIA GPUs that Triton supports are untested. Also runs on the
 CPU under TRITON_INTERPRET=1 (slow; for the tests).
 
 Speed (H100 SXM, bf16, batch 1, 32 heads of 128, block_size 64; benchmarks/results/attention_h100.md):
@@ -546,6 +547,11 @@ def _autotune_enabled():
     return os.environ.get("LANDMARK_ATTN_AUTOTUNE", "1") != "0"
 
 
+# Compile options of every launch. The exp2 arguments are written as one multiply-add each (see _fwd_weights);
+# Triton 3.9 warns that its default for fusing them into FMAs turns off in 3.10, so it is asked for explicitly.
+COMPILE_OPTIONS = {"enable_fp_fusion": True}
+
+
 def _launch(kernel, tuned, grid_fn, args, **const):
     """Launch `tuned` (autotuned) on GPUs, or `kernel` with fixed tiles under the interpreter or when
     autotuning is switched off."""
@@ -554,9 +560,10 @@ def _launch(kernel, tuned, grid_fn, args, **const):
         kernel[grid_fn(meta)](*args, **const, **meta)
     elif not _autotune_enabled():
         cfg = _prune(tuned.configs, {}, BLOCK_SIZE=const["BLOCK_SIZE"])[0]
-        kernel[grid_fn(cfg.kwargs)](*args, **const, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        kernel[grid_fn(cfg.kwargs)](*args, **const, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                                    **COMPILE_OPTIONS)
     else:
-        tuned[grid_fn](*args, **const)
+        tuned[grid_fn](*args, **const, **COMPILE_OPTIONS)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -674,7 +681,7 @@ def landmark_attn_bwd(do, q, k, v, o, lse, block_size, sm_scale=None):
     pre_block = 64
     _landmark_bwd_preprocess_kernel[(batch * q_heads, triton.cdiv(n_q, pre_block))](
         o, do, delta, *o.stride()[:3], *do.stride()[:3], n_q,
-        Q_HEADS=q_heads, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_M=pre_block)
+        Q_HEADS=q_heads, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_M=pre_block, **COMPILE_OPTIONS)
 
     def grid_dkdv(meta):
         return (batch * kv_heads, triton.cdiv(n_k, meta["BLOCK_N"]))

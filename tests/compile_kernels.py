@@ -1,0 +1,86 @@
+"""Compile the landmark kernels for a Hopper GPU (sm_90) with the installed Triton, without a GPU.
+
+    python tests/compile_kernels.py     (prints one JSON line per compiled kernel)
+
+The CPU tests run the kernels through TRITON_INTERPRET=1, which never enters Triton's compiler; this script
+runs the whole pipeline (TTIR, TTGIR, LLVM, PTX, cubin) for every shipped tile config, as a launch on an H100
+would specialise it (16-byte aligned pointers and strides, the launcher's compile options). It must run in a
+process without TRITON_INTERPRET: test_kernel_compile.py starts it.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+import kernels.landmark_attention as lk  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+TENSOR_ARGS = {"q", "k", "v", "o", "do", "dq", "dk", "dv"}
+FP32_TENSOR_ARGS = {"lse", "delta"}
+KERNELS = {
+    "fwd": (lk._landmark_fwd_kernel, lk._FWD_CONFIGS),
+    "dkdv": (lk._landmark_bwd_dkdv_kernel, lk._DKDV_CONFIGS),
+    "dq": (lk._landmark_bwd_dq_kernel, lk._DQ_CONFIGS),
+}
+# (dtype, head_dim, block_size, q_heads, kv_heads, every config?)
+# (fp32 is left out: its IEEE dots unroll into scalar FMA loops that take minutes to compile)
+CASES = [
+    ("bf16", 128, 64, 32, 32, True),
+    ("fp16", 80, 128, 8, 2, False),
+    ("bf16", 64, 16, 32, 8, False),
+]
+
+
+def compile_one(fn, dtype, head_dim, block_size, constants, num_warps, num_stages):
+    signature, attrs = {}, {}
+    for index, name in enumerate(fn.arg_names):
+        if name in TENSOR_ARGS or name in FP32_TENSOR_ARGS:
+            signature[name] = "*" + (dtype if name in TENSOR_ARGS else "fp32")
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        elif name.startswith("stride"):
+            signature[name] = "i32"
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        elif name.startswith("n_"):
+            signature[name] = "i32"  # lengths are never specialised (do_not_specialize)
+        elif name in ("qk_scale", "sm_scale"):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "constexpr"
+    d_pad = max(16, triton.next_power_of_2(head_dim))
+    constants = dict(constants, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size, UPCAST_DOT=False,
+                     DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
+    constants = {name: value for name, value in constants.items() if name in fn.arg_names}
+    source = ASTSource(fn, signature, constants, attrs)
+    return triton.compile(source, target=TARGET,
+                          options=dict(num_warps=num_warps, num_stages=num_stages, **lk.COMPILE_OPTIONS))
+
+
+def main():
+    assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTERPRET=1"
+    for dtype, head_dim, block_size, q_heads, kv_heads, every_config in CASES:
+        heads = dict(Q_HEADS=q_heads, KV_HEADS=kv_heads, KV_GROUP=q_heads // kv_heads)
+        for name, (fn, configs) in KERNELS.items():
+            valid = lk._prune(configs, {}, BLOCK_SIZE=block_size)
+            for cfg in valid if every_config else valid[:1]:
+                compiled = compile_one(fn, dtype, head_dim, block_size, dict(heads, **cfg.kwargs), cfg.num_warps,
+                                       cfg.num_stages)
+                print(json.dumps(dict(kernel=name, dtype=dtype, head_dim=head_dim, block_size=block_size,
+                                      config=str(cfg), cubin_bytes=len(compiled.asm["cubin"]),
+                                      fma=compiled.asm["ptx"].count("fma.rn.f32"),
+                                      shared=compiled.metadata.shared)), flush=True)
+        compiled = compile_one(lk._landmark_bwd_preprocess_kernel, dtype, head_dim, block_size,
+                               dict(Q_HEADS=q_heads, BLOCK_M=64), 4, 2)
+        print(json.dumps(dict(kernel="preprocess", dtype=dtype, head_dim=head_dim, block_size=block_size,
+                              config="BLOCK_M: 64", cubin_bytes=len(compiled.asm["cubin"]),
+                              fma=compiled.asm["ptx"].count("fma.rn.f32"), shared=compiled.metadata.shared)))
+
+
+if __name__ == "__main__":
+    main()
