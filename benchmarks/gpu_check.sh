@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The GPU side of the project in one command: what it checks and what it times.
+#
+#   bash benchmarks/gpu_check.sh OUT_DIR [tests] [bench] [sweep]     (no step named: all three)
+#
+#   tests  the CUDA-marked tests: kernel vs float64 at real sizes, every tile config, determinism, no
+#          recompilation; model-level eager vs Triton (logits and gradients), padding, peak memory
+#          -> OUT_DIR/tests.log                                                    (about 4.5 min on an H100)
+#   bench  benchmarks/attention.py, 2k-32k, MHA and GQA 32/8, against SDPA flash and cuDNN
+#          -> OUT_DIR/bench/attention.{md,json,png}, OUT_DIR/bench.log             (about 4 min)
+#   sweep  benchmarks/tile_sweep.py at 8k: every tile config of each kernel on its own
+#          -> OUT_DIR/sweep/tile_sweep.json, OUT_DIR/sweep.log                      (about 1.5 min)
+#
+# With the device tool (10 minutes a command), run `tests` in one call and `bench sweep` in another:
+#   bash benchmarks/gpu_check.sh $OUT tests
+#   bash benchmarks/gpu_check.sh $OUT bench sweep
+# Works without installing the package (the device image cannot install it editable): the repository is made
+# importable as `landmark_llama` through a symlink, and `python` is provided where only `python3` exists.
+set -uo pipefail
+out_dir=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR [tests] [bench] [sweep]}
+shift
+steps=${*:-tests bench sweep}
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+mkdir -p "$out_dir" /tmp/landmark_pkg /tmp/landmark_bin
+ln -sfn "$root" /tmp/landmark_pkg/landmark_llama
+export PYTHONPATH=/tmp/landmark_pkg${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+if ! command -v python >/dev/null; then
+    printf '#!/bin/sh\nexec %s "$@"\n' "$(command -v python3)" > /tmp/landmark_bin/python  # a symlink would lose a venv
+    chmod +x /tmp/landmark_bin/python
+    export PATH=/tmp/landmark_bin:$PATH
+fi
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader | tee "$out_dir/gpu.txt"
+python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, \
+'transformers', transformers.__version__)" | tee -a "$out_dir/gpu.txt"
+status=0
+for step in $steps; do
+    case $step in
+        tests) timeout 540 python -m pytest -q -m cuda -rA tests/test_kernels.py tests/test_gpu_model.py 2>&1 \
+                   | tee "$out_dir/tests.log" || status=1 ;;
+        bench) timeout 420 python benchmarks/attention.py --out "$out_dir/bench" 2>&1 | tee "$out_dir/bench.log" \
+                   || status=1 ;;
+        sweep) timeout 240 python benchmarks/tile_sweep.py --out "$out_dir/sweep" --n 8192 2>&1 \
+                   | tee "$out_dir/sweep.log" || status=1 ;;
+        *) echo "unknown step '$step' (tests, bench, sweep)"; status=2 ;;
+    esac
+done
+exit $status
