@@ -132,6 +132,19 @@ def _load_tile(p, o_r, n_r, stride_r, MASK_ROWS: tl.constexpr, HEAD_DIM: tl.cons
 
 
 @triton.jit
+def _load_row_stats(p_lse, p_delta, o_i, n_q, MASK_ROWS: tl.constexpr):
+    """[len(o_i)] row logsumexp and rowsum(dO * O) of the backward; rows past n_q (MASK_ROWS) get lse = +inf,
+    hence zero weights."""
+    if MASK_ROWS:
+        b_lse = tl.load(p_lse + o_i, mask=o_i < n_q, other=float("inf"))
+        b_delta = tl.load(p_delta + o_i, mask=o_i < n_q, other=0.0)
+    else:
+        b_lse = tl.load(p_lse + o_i)
+        b_delta = tl.load(p_delta + o_i)
+    return b_lse, b_delta
+
+
+@triton.jit
 def _store_tile(p, o_r, n_r, stride_r, b_t, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
     """Store the [len(o_r), D_PAD] tile b_t, cast to p's element type, to the rows o_r < n_r and columns < HEAD_DIM."""
     o_d = tl.arange(0, D_PAD)
@@ -164,8 +177,9 @@ def _query_tile(q, k, v, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, 
     o_i = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n_lo = (n_off + i_m * BLOCK_M) // BLOCK_SIZE * BLOCK_SIZE // BLOCK_N * BLOCK_N
     n_hi = tl.minimum(n_off + (i_m + 1) * BLOCK_M, n_k)
-    p_k = _head(k, i_b, i_h // KV_GROUP, stride_kb, stride_kh)
-    p_v = _head(v, i_b, i_h // KV_GROUP, stride_vb, stride_vh)
+    i_hk = i_h // KV_GROUP
+    p_k = _head(k, i_b, i_hk, stride_kb, stride_kh)
+    p_v = _head(v, i_b, i_hk, stride_vb, stride_vh)
     b_q = _load_tile(_head(q, i_b, i_h, stride_qb, stride_qh), o_i, n_q, stride_qn, True, HEAD_DIM, D_PAD)
     return i_bh, i_b, i_h, o_i, n_off + o_i, n_lo, n_hi, p_k, p_v, b_q
 
@@ -318,7 +332,7 @@ def _landmark_bwd_preprocess_kernel(
 @triton.jit
 def _bwd_weights(b_s, qk_scale, b_dp, b_lse, b_delta, o_pos, i_n, MASKED: tl.constexpr,
                  BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Weights w and score gradients ds of one [BLOCK_M, BLOCK_N] tile (queries x keys), for dQ.
+    """Weights w and score gradients ds of one [BLOCK_M, BLOCK_N] tile (queries x keys), for dK/dV and dQ.
 
     b_s: raw products q.k (scaled by qk_scale as in `_fwd_weights`); b_dp: dO v^T; b_lse: [BLOCK_M] row
     log2-sum-exp2; b_delta: [BLOCK_M] rowsum(dO * O).
@@ -370,13 +384,8 @@ def _dkdv_step(b_dkt, b_dvt, b_kt, b_vt, p_q, p_do, p_lse, p_delta, i_m, i_n, n_
     # [BLOCK_M, D_PAD]
     b_q = _load_tile(p_q, o_i, n_q, stride_qn, MASK_ROWS, HEAD_DIM, D_PAD)
     b_do = _load_tile(p_do, o_i, n_q, stride_don, MASK_ROWS, HEAD_DIM, D_PAD)
-    # [BLOCK_M]; padded rows get lse = +inf, hence zero weights
-    if MASK_ROWS:
-        b_lse = tl.load(p_lse + o_i, mask=o_i < n_q, other=float("inf"))
-        b_delta = tl.load(p_delta + o_i, mask=o_i < n_q, other=0.0)
-    else:
-        b_lse = tl.load(p_lse + o_i)
-        b_delta = tl.load(p_delta + o_i)
+    # [BLOCK_M]
+    b_lse, b_delta = _load_row_stats(p_lse, p_delta, o_i, n_q, MASK_ROWS)
     # [BLOCK_M, BLOCK_N]
     b_s = _dot(b_q, b_kt, DOT_PRECISION, UPCAST_DOT)
     b_dp = _dot(b_do, b_vt, DOT_PRECISION, UPCAST_DOT)
@@ -480,9 +489,8 @@ def _landmark_bwd_dq_kernel(
         q, k, v, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_vb, stride_vh, n_q, n_k, Q_HEADS,
         KV_GROUP, HEAD_DIM, D_PAD, BLOCK_SIZE, BLOCK_M, BLOCK_N)
     b_do = _load_tile(_head(do, i_b, i_h, stride_dob, stride_doh), o_i, n_q, stride_don, True, HEAD_DIM, D_PAD)
-    # [BLOCK_M]; padded rows get lse = +inf, hence zero weights
-    b_lse = tl.load(lse + i_bh.to(tl.int64) * n_q + o_i, mask=o_i < n_q, other=float("inf"))
-    b_delta = tl.load(delta + i_bh.to(tl.int64) * n_q + o_i, mask=o_i < n_q, other=0.0)
+    # [BLOCK_M]
+    b_lse, b_delta = _load_row_stats(lse + i_bh.to(tl.int64) * n_q, delta + i_bh.to(tl.int64) * n_q, o_i, n_q, True)
     b_dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     for i_n in range(0, n_lo, BLOCK_N):
         b_dq = _dq_step(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, i_n, n_k, stride_kn, stride_vn, qk_scale, o_pos,

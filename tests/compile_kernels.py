@@ -62,6 +62,12 @@ def compile_one(fn, dtype, head_dim, block_size, constants, num_warps, num_stage
                           options=dict(num_warps=num_warps, num_stages=num_stages, **lk.COMPILE_OPTIONS))
 
 
+def report(kernel, dtype, head_dim, block_size, config, compiled):
+    print(json.dumps(dict(kernel=kernel, dtype=dtype, head_dim=head_dim, block_size=block_size, config=config,
+                          cubin_bytes=len(compiled.asm["cubin"]), fma=compiled.asm["ptx"].count("fma.rn.f32"),
+                          shared=compiled.metadata.shared)), flush=True)
+
+
 def main():
     assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTERPRET=1"
     for dtype, head_dim, block_size, q_heads, kv_heads, every_config in CASES:
@@ -71,15 +77,10 @@ def main():
             for cfg in valid if every_config else valid[:1]:
                 compiled = compile_one(fn, dtype, head_dim, block_size, dict(heads, **cfg.kwargs), cfg.num_warps,
                                        cfg.num_stages)
-                print(json.dumps(dict(kernel=name, dtype=dtype, head_dim=head_dim, block_size=block_size,
-                                      config=str(cfg), cubin_bytes=len(compiled.asm["cubin"]),
-                                      fma=compiled.asm["ptx"].count("fma.rn.f32"),
-                                      shared=compiled.metadata.shared)), flush=True)
+                report(name, dtype, head_dim, block_size, str(cfg), compiled)
         compiled = compile_one(lk._landmark_bwd_preprocess_kernel, dtype, head_dim, block_size,
                                dict(Q_HEADS=q_heads, BLOCK_M=64), 4, 2)
-        print(json.dumps(dict(kernel="preprocess", dtype=dtype, head_dim=head_dim, block_size=block_size,
-                              config="BLOCK_M: 64", cubin_bytes=len(compiled.asm["cubin"]),
-                              fma=compiled.asm["ptx"].count("fma.rn.f32"), shared=compiled.metadata.shared)))
+        report("preprocess", dtype, head_dim, block_size, "BLOCK_M: 64", compiled)
 
 
 if __name__ == "__main__":
