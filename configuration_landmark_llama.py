@@ -5,6 +5,8 @@ from transformers import LlamaConfig
 
 
 ATTENTION_BACKENDS = ("auto", "eager", "triton")
+RETRIEVAL_GRANULARITIES = ("token", "chunk")
+RETRIEVAL_POSITIONS = ("stingy", "true")
 
 
 @strict
@@ -24,14 +26,23 @@ class LandmarkLlamaConfig(LlamaConfig):
             Context length (in user tokens) the model was fine-tuned at. Bounds the distances the block-retrieval
             cache lets a query see.
         retrieval_top_k (`int`, *optional*, defaults to 4):
-            Number of cached blocks each query retrieves at inference.
+            Number of cached blocks each query retrieves at inference (block-retrieval cache).
+        retrieval_granularity (`str`, *optional*, defaults to `"token"`):
+            `"token"`: every head and query token selects its own blocks (the paper's default); `"chunk"`: every head
+            selects once per chunk (softmax over the landmarks, then max over the chunk's tokens).
+        retrieval_positions (`str`, *optional*, defaults to `"stingy"`):
+            `"stingy"`: retrieved blocks are rotated into a window of `retrieval_top_k + 1` blocks right before the
+            current block, so no distance exceeds the training context (paper 3.2.1); `"true"`: no remapping.
+        prefill_chunk_length (`int`, *optional*):
+            Internal positions (landmarks included) a long prompt is processed in per pass. Default:
+            `train_context_length - train_context_length % block_size - (retrieval_top_k + 1) * block_size`.
         attention_backend (`str`, *optional*, defaults to `"auto"`):
             `"eager"` (plain PyTorch, any device), `"triton"` (the fused kernel, CUDA only) or `"auto"` (the kernel
             on CUDA where it supports the shapes, eager elsewhere). This replaces `attn_implementation`, which
             selects softmax attention kernels that cannot compute landmark attention.
-        use_cache (`bool`, *optional*, defaults to `False`):
-            Off until the block-retrieval cache exists: a plain KV cache cannot hold landmark blocks, so
-            generation recomputes the whole sequence each step.
+        use_cache (`bool`, *optional*, defaults to `True`):
+            Whether `generate` runs with the block-retrieval cache (`LandmarkRetrievalCache`). A forward call runs the
+            training form over its whole input unless it is given a cache or `use_cache=True`.
 
     ```python
     >>> from landmark_llama import LandmarkLlamaConfig, LandmarkLlamaForCausalLM
@@ -45,8 +56,11 @@ class LandmarkLlamaConfig(LlamaConfig):
     block_size: int = 64
     train_context_length: int = 512
     retrieval_top_k: int = 4
+    retrieval_granularity: str = "token"
+    retrieval_positions: str = "stingy"
+    prefill_chunk_length: int | None = None
     attention_backend: str = "auto"
-    use_cache: bool = False
+    use_cache: bool = True
 
     def validate_architecture(self):
         """Part of `@strict` validation: the landmark fields must describe a model that can run."""
@@ -59,6 +73,16 @@ class LandmarkLlamaConfig(LlamaConfig):
             raise ValueError(f"train_context_length must be positive, got {self.train_context_length}.")
         if self.retrieval_top_k < 1:
             raise ValueError(f"retrieval_top_k must be at least 1, got {self.retrieval_top_k}.")
+        if self.retrieval_granularity not in RETRIEVAL_GRANULARITIES:
+            raise ValueError(
+                f"retrieval_granularity must be one of {RETRIEVAL_GRANULARITIES}, got {self.retrieval_granularity!r}."
+            )
+        if self.retrieval_positions not in RETRIEVAL_POSITIONS:
+            raise ValueError(
+                f"retrieval_positions must be one of {RETRIEVAL_POSITIONS}, got {self.retrieval_positions!r}."
+            )
+        if self.prefill_chunk_length is not None and self.prefill_chunk_length < 1:
+            raise ValueError(f"prefill_chunk_length must be positive or None, got {self.prefill_chunk_length}.")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}.")
         if self.landmark_token_id is not None:
@@ -77,4 +101,4 @@ class LandmarkLlamaConfig(LlamaConfig):
                     )
 
 
-__all__ = ["LandmarkLlamaConfig", "ATTENTION_BACKENDS"]
+__all__ = ["LandmarkLlamaConfig", "ATTENTION_BACKENDS", "RETRIEVAL_GRANULARITIES", "RETRIEVAL_POSITIONS"]

@@ -22,12 +22,13 @@ def test_conversion_adds_tokens_and_keeps_the_stock_model(stock_folder, tmp_path
     tokenizer = AutoTokenizer.from_pretrained(out)
     stock_tokenizer = AutoTokenizer.from_pretrained(stock_folder)
     assert config["model_type"] == "landmark_llama" and config["block_size"] == 6 and config["retrieval_top_k"] == 3
-    assert config["use_cache"] is False  # no block-retrieval cache yet
+    assert config["use_cache"] is True  # generation uses the block-retrieval cache
     assert tokenizer.convert_ids_to_tokens(config["landmark_token_id"]) == "<landmark>"
     assert tokenizer.pad_token == "<pad>" and config["pad_token_id"] == tokenizer.pad_token_id
     assert config["vocab_size"] == len(tokenizer) == len(stock_tokenizer) + 2
     assert sorted(p.name for p in out.glob("*.py")) == [
-        "configuration_landmark_llama.py", "landmark_attention.py", "modeling_landmark_llama.py"]
+        "cache_landmark_llama.py", "configuration_landmark_llama.py", "landmark_attention.py",
+        "modeling_landmark_llama.py"]
 
     weights = load_file(out / "model.safetensors")
     stock_weights = load_file(stock_folder / "model.safetensors")

@@ -18,7 +18,7 @@ def test_wheel_has_only_the_landmark_llama_package(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     top_level = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
     assert top_level == {"landmark_llama"}
-    for module in ("modeling_landmark_llama.py", "configuration_landmark_llama.py", "kernels/landmark_attention.py",
-                   "tools/convert_llama.py"):
+    for module in ("modeling_landmark_llama.py", "configuration_landmark_llama.py", "cache_landmark_llama.py",
+                   "kernels/landmark_attention.py", "tools/convert_llama.py"):
         assert f"landmark_llama/{module}" in names
     assert not any(name.startswith("landmark_llama/tests/") for name in names)

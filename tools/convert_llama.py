@@ -106,10 +106,7 @@ def convert_llama(
     landmark_token_id = _add_tokens(tokenizer, landmark_token_id)
     new_ids = list(range(tokens_before, len(tokenizer)))
     old_vocab_size = llama_config["vocab_size"]
-    # use_cache keeps the landmark default (off) until the block-retrieval cache exists
-    config_fields = {
-        k: v for k, v in llama_config.items() if k in LandmarkLlamaConfig.__dataclass_fields__ and k != "use_cache"
-    }
+    config_fields = {k: v for k, v in llama_config.items() if k in LandmarkLlamaConfig.__dataclass_fields__}
     # The landmark id is set once the vocabulary has grown to hold it.
     config = LandmarkLlamaConfig(
         **config_fields,
