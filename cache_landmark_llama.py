@@ -255,7 +255,7 @@ class LandmarkCacheLayer(CacheLayerMixin):
             query_valid = torch.arange(width, device=query.device) < chunk.length[:, None]  # [batch, width]
             probabilities = torch.softmax(scores, dim=-1)  # rows without blocks give NaN: replaced below
             valid = exists[:, None, None] & query_valid[:, None, :, None]
-            scores = torch.where(valid, probabilities, -1.0).amax(dim=2, keepdim=True)
+            scores = torch.where(valid, probabilities, float("-inf")).amax(dim=2, keepdim=True)
 
         # 2. the top k in block order; equal scores go to the earlier block
         selected = top_blocks(scores, k)  # [batch, q_heads, retrievers, k]

@@ -5,8 +5,9 @@ Runs in a throwaway environment with the authors' library versions, never in the
 
     bash tests/paper_reference/regenerate.sh PATH/TO/landmark-attention
 
-It builds a tiny random landmark Llama with the authors' classes, and for retrieval_top_k 2 and 4 and prompts that
-end on a block boundary and ones that do not, records
+It builds a tiny random landmark Llama with the authors' classes, and for retrieval_top_k 2 and 4, prompts that
+end on a block boundary and ones that do not, and both retrieval granularities (per token, their default; per chunk,
+max over the chunk's tokens, which their code does when it offloads the cache), records
 - the prompt's logits at every user token, the prompt fed in the authors' chunks (their forward keeps only the last
   chunk's logits, so each chunk is its own call, continuing the cache),
 - greedy tokens and per-step scores from their `generate` (stingy positions, per-token retrieval, their defaults).
@@ -70,7 +71,7 @@ def with_landmarks(ids, regular_per_block):
     return torch.cat(pieces, dim=1)
 
 
-def prompt_logits(model, prompt, top_k):
+def prompt_logits(model, prompt, top_k, offload):
     """Logits at the user tokens, the internal prompt fed in the authors' chunk length, one call per chunk."""
     internal = with_landmarks(prompt, BLOCK_SIZE - 1)
     chunk = TRAIN_CONTEXT - TRAIN_CONTEXT % BLOCK_SIZE - (top_k + 1) * BLOCK_SIZE
@@ -78,7 +79,7 @@ def prompt_logits(model, prompt, top_k):
     for start in range(0, internal.shape[1], chunk):
         out = model(
             input_ids=internal[:, start : start + chunk], past_key_values=past, use_cache=True,
-            cache_top_k=top_k, mem_freq=BLOCK_SIZE - 1,
+            cache_top_k=top_k, mem_freq=BLOCK_SIZE - 1, offload_cache_to_cpu=offload,
         )
         past = out.past_key_values
         logits.append(out.logits)
@@ -97,31 +98,37 @@ def main():
     config = config_class(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=2048, rms_norm_eps=1e-6, initializer_range=0.15, pad_token_id=PAD_ID,
-        bos_token_id=1, eos_token_id=2, mem_id=LANDMARK_ID, mem_freq=BLOCK_SIZE - 1, train_context_length=TRAIN_CONTEXT,
+        bos_token_id=1, eos_token_id=2, mem_id=LANDMARK_ID, mem_freq=BLOCK_SIZE - 1,
+        train_context_length=TRAIN_CONTEXT,
         include_landmark_in_loss=False,  # generation predicts from the token, never from an inserted landmark
     )
     torch.manual_seed(0)
     model = model_class(config).eval()
-    tensors = {f"weights.{name}": value.contiguous() for name, value in model.state_dict().items() if "rotary" not in name}
+    weights = {name: value for name, value in model.state_dict().items() if "rotary" not in name}  # inv_freq
+    tensors = {f"weights.{name}": value.contiguous() for name, value in weights.items()}
     generator = torch.Generator().manual_seed(1)
     cases = []
     for length in PROMPT_LENGTHS:
         prompt = torch.randint(3, LANDMARK_ID, (1, length), generator=generator)
         for top_k in (2, 4):
-            name = f"len{length}_k{top_k}"
-            with torch.no_grad():
-                logits = prompt_logits(model, prompt, top_k)
-                generated = model.generate(
-                    prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW_TOKENS, do_sample=False,
-                    cache_top_k=top_k, mem_freq=BLOCK_SIZE - 1, suppress_tokens=[LANDMARK_ID], pad_token_id=PAD_ID,
-                    output_scores=True, return_dict_in_generate=True,
-                )
-            tensors[f"{name}.prompt"] = prompt.clone()
-            tensors[f"{name}.prompt_logits"] = logits[0].contiguous()
-            tensors[f"{name}.tokens"] = generated.sequences[0, length:].contiguous()
-            tensors[f"{name}.scores"] = torch.stack(generated.scores, dim=1)[0].contiguous()
-            cases.append({"name": name, "prompt_length": length, "retrieval_top_k": top_k,
-                          "ends_on_block_boundary": length % (BLOCK_SIZE - 1) == 0})
+            for granularity in ("token", "chunk"):
+                name = f"len{length}_k{top_k}_{granularity}"
+                offload = granularity == "chunk"  # their per-chunk selection runs on the offloading path
+                with torch.no_grad():
+                    logits = prompt_logits(model, prompt, top_k, offload)
+                    generated = model.generate(
+                        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW_TOKENS, do_sample=False,
+                        cache_top_k=top_k, mem_freq=BLOCK_SIZE - 1, offload_cache_to_cpu=offload,
+                        suppress_tokens=[LANDMARK_ID], pad_token_id=PAD_ID, output_scores=True,
+                        return_dict_in_generate=True,
+                    )
+                tensors[f"{name}.prompt"] = prompt.clone()
+                tensors[f"{name}.prompt_logits"] = logits[0].contiguous()
+                tensors[f"{name}.tokens"] = generated.sequences[0, length:].contiguous()
+                tensors[f"{name}.scores"] = torch.stack(generated.scores, dim=1)[0].contiguous()
+                cases.append({"name": name, "prompt_length": length, "retrieval_top_k": top_k,
+                              "retrieval_granularity": granularity,
+                              "ends_on_block_boundary": length % (BLOCK_SIZE - 1) == 0})
     model_fields = {k: getattr(config, k) for k in (
         "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "rms_norm_eps",
         "max_position_embeddings", "pad_token_id", "bos_token_id", "eos_token_id", "mem_id", "mem_freq",
