@@ -82,3 +82,37 @@ def test_training_step_peak_memory_no_worse_than_stock_eager_llama(backend):
         return torch.cuda.max_memory_allocated() - start
 
     assert peak(model) <= peak(stock)
+
+
+@pytest.mark.parametrize("granularity", ["token", "chunk"])
+def test_retrieval_cache_on_cuda_follows_the_cpu(granularity):
+    """The retrieval cache is device-agnostic: a padded batch on CUDA gives the CPU's logits and tokens (fp32), and
+    bf16 generation runs (its agreement with fp32 is printed)."""
+    from landmark_llama.cache_landmark_llama import LandmarkRetrievalCache
+    from landmark_llama.modeling_landmark_llama import _CACHE_FIELD
+
+    model = tiny_landmark_model(block_size=16, train_context_length=256, retrieval_top_k=3, **GPU_MODEL)
+    settings = dict(retrieval_granularity=granularity)
+    ids = random_ids(2, 900)
+    mask = torch.ones_like(ids)
+    mask[1, :300] = 0
+    with torch.no_grad():
+        cpu_cache = LandmarkRetrievalCache(model.config, **settings)
+        cpu_logits = model(ids, attention_mask=mask, **{_CACHE_FIELD: cpu_cache})
+        cpu_tokens = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, **settings)
+        model.cuda()
+        cache = LandmarkRetrievalCache(model.config, **settings)
+        gpu_logits = model(ids.cuda(), attention_mask=mask.cuda(), **{_CACHE_FIELD: cache})
+        gpu_tokens = model.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=24, do_sample=False,
+                                    **settings)
+        assert cache.layers[0].keys.is_cuda
+        real = mask.bool()
+        error = _error(gpu_logits.logits.cpu()[real], cpu_logits.logits[real])
+        print(f"retrieval cache, {granularity}: fp32 CUDA vs CPU logits {error:.2e}")
+        assert error < 1e-3
+        assert torch.equal(gpu_tokens.cpu(), cpu_tokens)
+        bf16_tokens = model.to(torch.bfloat16).generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=24,
+                                                        do_sample=False, **settings)
+    agreement = (bf16_tokens.cpu()[:, 900:] == cpu_tokens[:, 900:]).float().mean().item()
+    print(f"retrieval cache, {granularity}: bf16 tokens equal to fp32 CPU: {agreement:.0%}")
+    assert bf16_tokens.shape == cpu_tokens.shape
