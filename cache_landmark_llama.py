@@ -122,20 +122,24 @@ def apply_rope(x, positions, inv_freq):
 
 
 def top_blocks(scores, k, tie_tolerance=TIE_TOLERANCE):
-    """Indices [..., k], in block order, of the k highest `scores` [..., blocks]; equal scores go to the earlier block.
+    """The k highest of `scores` [..., blocks]: (indices [..., k] in block order, picked [..., k]); rows with fewer
+    than k finite scores fill the remaining slots with unpicked ones.
 
-    Scores closer than `tie_tolerance` times the row's largest magnitude count as equal: blocks with the same landmark
-    key (every landmark of layer 0, scored at one position by stingy retrieval) then tie whatever rounding the matrix
-    product that made each key left in its last bits, so the choice does not depend on batch shapes.
+    Scores within `tie_tolerance` times the row's largest magnitude of the k-th highest count as equal to it, and the
+    earliest of those blocks fill the places left: blocks with the same landmark key (every landmark of layer 0,
+    scored at one position by stingy retrieval) tie whatever rounding the matrix product that made each key left in
+    its last bits, so the choice does not depend on batch shapes or devices. Linear in the number of blocks.
     """
     num_blocks = scores.shape[-1]
-    values, order = torch.sort(scores, dim=-1, descending=True, stable=True)
-    scale = torch.nan_to_num(scores, neginf=0.0).abs().amax(dim=-1, keepdim=True)
-    apart = (values[..., :-1] - values[..., 1:]) > tie_tolerance * scale  # -inf after -inf: NaN, not apart
-    first = torch.zeros_like(values[..., :1], dtype=torch.bool)
-    tie_group = torch.cat([first, apart], dim=-1).cumsum(-1)
-    ranked = torch.sort(tie_group * num_blocks + order, dim=-1).values % num_blocks
-    return torch.sort(ranked[..., :k], dim=-1).values
+    cutoff = scores.topk(k, dim=-1).values[..., -1:]
+    margin = tie_tolerance * torch.nan_to_num(scores, neginf=0.0).abs().amax(dim=-1, keepdim=True)
+    above = scores > cutoff + margin
+    tied = (scores - cutoff).abs() <= margin  # NaN (never true) where both are -inf
+    tied &= tied.cumsum(-1) <= k - above.sum(-1, keepdim=True)
+    index = torch.arange(num_blocks, device=scores.device)
+    order = torch.where(above | tied, index, num_blocks + index).topk(k, dim=-1, largest=False).values
+    order = order.sort(dim=-1).values
+    return order % num_blocks, order < num_blocks
 
 
 @dataclass
@@ -258,9 +262,8 @@ class LandmarkCacheLayer(CacheLayerMixin):
             scores = torch.where(valid, probabilities, float("-inf")).amax(dim=2, keepdim=True)
 
         # 2. the top k in block order; equal scores go to the earlier block
-        selected = top_blocks(scores, k)  # [batch, q_heads, retrievers, k]
+        selected, valid = top_blocks(scores, k)  # [batch, q_heads, retrievers, k]
         row_blocks = blocks[:, None, None, None]
-        valid = selected < row_blocks
 
         # 3. positions: the stingy window, older picks packed from its left, recent ones one block to the right
         if stingy:

@@ -183,9 +183,15 @@ def test_hand_written_loop_gets_the_cache_back_and_continues_like_generate():
 
 def test_top_blocks_breaks_ties_for_the_earlier_block():
     scores = torch.tensor([[0.5, 0.9, 0.5, 0.5 * (1 + 1e-7), 0.1, float("-inf")]])
-    assert top_blocks(scores, 2).tolist() == [[0, 1]]  # 0.5 at blocks 0, 2, 3 are equal up to rounding
-    assert top_blocks(scores, 3).tolist() == [[0, 1, 2]]
-    assert top_blocks(torch.tensor([[0.2, 0.3, 0.25]]), 1).tolist() == [[1]]
+    for k, expected in ((1, [1]), (2, [0, 1]), (3, [0, 1, 2]), (4, [0, 1, 2, 3]), (5, [0, 1, 2, 3, 4])):
+        indices, picked = top_blocks(scores, k)  # 0.5 at blocks 0, 2, 3 are equal up to rounding
+        assert indices.tolist() == [expected] and picked.all()
+    indices, picked = top_blocks(scores, 6)
+    assert indices[picked].tolist() == [0, 1, 2, 3, 4] and picked.sum() == 5  # -inf: no block there
+    assert top_blocks(torch.tensor([[0.2, 0.3, 0.25]]), 2)[0].tolist() == [[1, 2]]
+    ties = torch.full((2, 3, 50), 0.25)
+    ties[..., 7] = 0.3
+    assert top_blocks(ties, 3)[0].tolist() == [[[0, 1, 7]] * 3] * 2
 
 
 def test_generate_from_remote_code_in_a_fresh_process(tmp_path):

@@ -13,7 +13,8 @@ max over the chunk's tokens, which their code does when it offloads the cache), 
 - greedy tokens and per-step scores from their `generate` (stingy positions, per-token retrieval, their defaults).
 Their `topk` picks arbitrarily among equal scores, which happen in layer 0 (every landmark key is the same there and
 stingy retrieval scores the older ones at one position); it is replaced here by the tie rule the project documents:
-scores within 1e-5 of the row's largest magnitude are equal, and equal scores go to the earlier block. The Triton
+scores within 1e-5 (times the row's largest magnitude) of the k-th highest are equal to it, and the earliest of those
+blocks are taken. The Triton
 import of their module is stubbed out (CPU, no kernel). Output: weights and expectations in one safetensors file,
 the cases in its metadata.
 """
@@ -49,14 +50,18 @@ def import_authors_code(repo):
 
 
 def stable_topk(self, k, dim=-1, largest=True, sorted=True):
-    """The documented tie rule in place of torch's topk (only their retrieval calls topk)."""
+    """The documented tie rule in place of torch's topk (only their retrieval calls topk): scores within
+    TIE_TOLERANCE times the row's largest magnitude of the k-th highest are equal to it, and the earliest of them
+    fill the places left."""
     assert largest and dim in (-1, self.dim() - 1)
-    values, order = torch.sort(self, dim=-1, descending=True, stable=True)
-    scale = self.abs().amax(dim=-1, keepdim=True)
-    apart = (values[..., :-1] - values[..., 1:]) > TIE_TOLERANCE * scale
-    group = torch.cat([torch.zeros_like(apart[..., :1]), apart], dim=-1).cumsum(-1)
     n = self.shape[-1]
-    indices = (torch.sort(group * n + order, dim=-1).values % n)[..., :k]
+    cutoff = torch.sort(self, dim=-1, descending=True).values[..., k - 1 : k]
+    margin = TIE_TOLERANCE * self.abs().amax(dim=-1, keepdim=True)
+    above = self > cutoff + margin
+    tied = (self - cutoff).abs() <= margin
+    tied = tied & (tied.long().cumsum(-1) <= k - above.long().sum(-1, keepdim=True))
+    index = torch.arange(n).expand_as(self)
+    indices = torch.sort(torch.where(above | tied, index, n + index), dim=-1).values[..., :k]
     return torch.return_types.topk((self.gather(-1, indices), indices))
 
 
