@@ -168,7 +168,8 @@ class RetrievedBlocks:
 
 
 class LandmarkCacheLayer(CacheLayerMixin):
-    """One layer's blocks. `keys`, `values`: [batch, capacity, kv_heads, block_size, head_dim], keys before RoPE.
+    """One layer's blocks. `keys`, `values`: [batch, capacity, kv_heads, block_size, head_dim], keys before RoPE;
+    `landmarks`: [batch, capacity, kv_heads, head_dim], each block's landmark key rotated to its true position.
 
     Block i of a row is complete when i < start // block_size; block start // block_size holds the tail in its first
     start % block_size slots. Capacity grows by doubling; slots past a row's tail hold scratch.
@@ -177,15 +178,18 @@ class LandmarkCacheLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
     is_sliding = False
+    STORES = ("keys", "values", "landmarks")
 
     def __init__(self, block_size):
         super().__init__()
         self.block_size = block_size
+        self.landmarks = None
 
     def lazy_initialization(self, key_states, value_states):
         batch, kv_heads, _, head_dim = key_states.shape
         self.keys = key_states.new_zeros(batch, 0, kv_heads, self.block_size, head_dim)
         self.values = value_states.new_zeros(batch, 0, kv_heads, self.block_size, value_states.shape[-1])
+        self.landmarks = key_states.new_zeros(batch, 0, kv_heads, head_dim)
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
 
@@ -194,12 +198,11 @@ class LandmarkCacheLayer(CacheLayerMixin):
         if blocks <= capacity:
             return
         grow = max(blocks, 2 * capacity) - capacity
-        self.keys = torch.cat([self.keys, self.keys.new_zeros(self.keys.shape[0], grow, *self.keys.shape[2:])], 1)
-        self.values = torch.cat(
-            [self.values, self.values.new_zeros(self.values.shape[0], grow, *self.values.shape[2:])], 1
-        )
+        for name in self.STORES:
+            store = getattr(self, name)
+            setattr(self, name, torch.cat([store, store.new_zeros(store.shape[0], grow, *store.shape[2:])], 1))
 
-    def update(self, key_states, value_states, chunk):
+    def update(self, key_states, value_states, chunk, inv_freq):
         """Write the chunk's keys and values [batch, kv_heads, width, head_dim] behind each row's tail.
 
         Returns the local part every query of the chunk attends to in full, [tail | chunk] laid out from the start of
@@ -222,6 +225,10 @@ class LandmarkCacheLayer(CacheLayerMixin):
             part = part.scatter(2, slots.expand(batch, kv_heads, width, states.shape[-1]), states.to(store.dtype))
             store[rows, written] = part.unflatten(2, (local_blocks, block_size)).permute(0, 2, 1, 3, 4)
             local.append(part)
+        # landmark keys at their true positions, rotated once here rather than at every retrieval
+        landmark_positions = (written * block_size + block_size - 1)[:, None]  # [batch, 1, local_blocks]
+        landmarks = apply_rope(local[0][:, :, block_size - 1 :: block_size], landmark_positions, inv_freq)
+        self.landmarks[rows, written] = landmarks.transpose(1, 2)
         return local[0], local[1]
 
     def retrieve(self, query, chunk, settings, inv_freq, scaling):
@@ -240,21 +247,22 @@ class LandmarkCacheLayer(CacheLayerMixin):
         k = min(top_k, num_blocks)
         row_k = blocks.clamp(max=top_k)  # the paper's min(k, blocks), per row
         stingy = settings.retrieval_positions == "stingy"
-        index = torch.arange(num_blocks, device=query.device)
-        exists = index < blocks[:, None]  # [batch, num_blocks]
-        recent = index >= (blocks - row_k)[:, None]  # the k most recent blocks keep their true positions
+        exists = torch.arange(num_blocks, device=query.device) < blocks[:, None]  # [batch, num_blocks]
 
         # 1. score every complete block by its landmark key
-        landmark_positions = (index * block_size + block_size - 1).expand(batch, -1)
-        if stingy:  # older landmarks are all scored at the landmark slot of the window's first block
-            window_landmark = (blocks - row_k) * block_size - 1
-            landmark_positions = torch.where(recent, landmark_positions, window_landmark[:, None])
-        landmarks = self.keys[:, :num_blocks, :, block_size - 1].transpose(1, 2)  # [batch, kv_heads, blocks, dim]
-        landmarks = apply_rope(landmarks, landmark_positions[:, None].expand(batch, kv_heads, -1), inv_freq)
-        scores = torch.matmul(
-            query.float().unflatten(1, (kv_heads, group)), landmarks.float()[:, :, None].transpose(-1, -2)
-        ).flatten(1, 2)  # [batch, q_heads, width, blocks]
-        scores = scores.mul_(scaling).masked_fill_(~exists[:, None, None], float("-inf"))
+        grouped_query = query.float().unflatten(1, (kv_heads, group))
+        landmarks = self.landmarks[:, :num_blocks].transpose(1, 2)[:, :, None].float()  # [batch, kv, 1, blocks, dim]
+        scores = torch.matmul(grouped_query, landmarks.transpose(-1, -2))
+        if stingy:  # the k most recent keep their true positions; older landmarks are all scored at the landmark
+            # slot of the window's first block, A: <q at p, landmark at A> = <q rotated back by A, unrotated landmark>
+            window_landmark = ((blocks - row_k) * block_size - 1)[:, None, None, None]
+            older_query = apply_rope(grouped_query, -window_landmark, inv_freq)
+            unrotated = self.keys[:, :num_blocks, :, block_size - 1].transpose(1, 2)[:, :, None].float()
+            older = torch.arange(num_blocks, device=query.device) < (blocks - row_k)[:, None]
+            older_scores = torch.matmul(older_query, unrotated.transpose(-1, -2))
+            scores = torch.where(older[:, None, None, None], older_scores, scores)
+        scores = scores.flatten(1, 2).mul_(scaling)  # [batch, q_heads, width, blocks]
+        scores = scores.masked_fill_(~exists[:, None, None], float("-inf"))
         if settings.retrieval_granularity == "chunk":
             query_valid = torch.arange(width, device=query.device) < chunk.length[:, None]  # [batch, width]
             probabilities = torch.softmax(scores, dim=-1)  # rows without blocks give NaN: replaced below
@@ -274,13 +282,14 @@ class LandmarkCacheLayer(CacheLayerMixin):
         else:
             block_start = selected * block_size
 
-        # 4. gather the selected blocks of each query head's kv head, rotate keys to their assigned positions
+        # 4. gather the selected blocks of each query head's kv head; rotate keys by their offset in the block, then
+        # by the block's assigned start (two small rotations instead of one per key and position)
         rows = torch.arange(batch, device=query.device)[:, None, None, None]
         kv_head = (torch.arange(q_heads, device=query.device) // group)[None, :, None, None]
         keys = self.keys[rows, selected, kv_head]  # [batch, q_heads, retrievers, k, block_size, dim]
         values = self.values[rows, selected, kv_head]
-        key_positions = block_start[..., None] + torch.arange(block_size, device=query.device)
-        keys = apply_rope(keys, key_positions, inv_freq)
+        keys = apply_rope(keys, torch.arange(block_size, device=query.device), inv_freq)
+        keys = apply_rope(keys, block_start[..., None], inv_freq)
         return RetrievedBlocks(keys, values, valid)
 
     def get_seq_length(self):
@@ -297,16 +306,16 @@ class LandmarkCacheLayer(CacheLayerMixin):
 
     def batch_select_indices(self, indices):
         if self.is_initialized:
-            self.keys = self.keys.index_select(0, indices.to(self.device))
-            self.values = self.values.index_select(0, indices.to(self.device))
+            for name in self.STORES:
+                setattr(self, name, getattr(self, name).index_select(0, indices.to(self.device)))
 
     def batch_repeat_interleave(self, repeats):
         if self.is_initialized:
-            self.keys = self.keys.repeat_interleave(repeats, dim=0)
-            self.values = self.values.repeat_interleave(repeats, dim=0)
+            for name in self.STORES:
+                setattr(self, name, getattr(self, name).repeat_interleave(repeats, dim=0))
 
     def reset(self):
-        self.keys = self.values = None
+        self.keys = self.values = self.landmarks = None
         self.is_initialized = False
 
     def crop(self, tokens_to_remove):

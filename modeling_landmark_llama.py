@@ -153,7 +153,7 @@ def landmark_retrieval_attention(query, key, value, cache, layer_idx, scaling):
     kv_heads = key.shape[1]
     offsets = torch.arange(width, device=query.device)
     query = apply_rope(query, (chunk.start[:, None] + offsets)[:, None], cache.inv_freq)
-    local_keys, local_values = layer.update(key, value, chunk)
+    local_keys, local_values = layer.update(key, value, chunk, cache.inv_freq)
     local_length = local_keys.shape[2]
     tail_block_start = chunk.start - chunk.start % block_size
     local_positions = tail_block_start[:, None] + torch.arange(local_length, device=query.device)

@@ -104,3 +104,46 @@ def test_a_failed_write_leaves_nothing_half_written(stock_folder, tmp_path, monk
     assert sorted(p.name for p in out.iterdir()) == before
     assert json.loads((out / "config.json").read_text())["block_size"] == 6
     assert [p.name for p in tmp_path.iterdir()] == ["landmark"]
+
+
+def test_folders_that_hold_anything_but_a_conversion_are_never_replaced(stock_folder, tmp_path):
+    """Issue 16.6: --overwrite used to delete a non-empty folder of unrelated files."""
+    unrelated = tmp_path / "notes"
+    unrelated.mkdir()
+    (unrelated / "thesis.txt").write_text("years of work")
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match="holds no landmark-llama model"):
+            convert_llama(stock_folder, unrelated, block_size=6, overwrite=overwrite)
+    assert [p.name for p in unrelated.iterdir()] == ["thesis.txt"]
+
+    out = convert_llama(stock_folder, tmp_path / "landmark", block_size=6)
+    (out / "my_results.json").write_text("{}")  # a user's file inside an earlier conversion
+    with pytest.raises(FileExistsError, match="my_results.json"):
+        convert_llama(stock_folder, out, block_size=12, overwrite=True)
+    assert (out / "my_results.json").exists() and json.loads((out / "config.json").read_text())["block_size"] == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["landmark", "notes"]
+
+
+def test_converted_folders_get_the_usual_permissions(stock_folder, tmp_path):
+    """Issue 16.6: the staging folder's mode 0700 used to become the model folder's."""
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        out = convert_llama(stock_folder, tmp_path / "landmark", block_size=6)
+    finally:
+        os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o755
+
+
+def test_literal_landmark_text_is_never_the_landmark_token(stock_folder, tmp_path):
+    """Issue 16.7: a document about this model that contains "<landmark>" must tokenize as text."""
+    out = convert_llama(stock_folder, tmp_path / "landmark", block_size=6)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    landmark_id = json.loads((out / "config.json").read_text())["landmark_token_id"]
+    ids = tokenizer("the sky is blue <landmark> the sea is deep").input_ids
+    assert landmark_id not in ids and len(ids) == 9  # "<landmark>" is one unknown word for this word-level model
+    assert tokenizer.convert_tokens_to_ids("<landmark>") == landmark_id  # the token itself still exists
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    with torch.no_grad():
+        model(torch.tensor([ids]))  # the model accepts what its tokenizer makes of the text

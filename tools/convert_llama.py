@@ -45,16 +45,47 @@ def _read_llama_config(source):
     return config
 
 
+def _is_conversion(folder):
+    """Whether `folder` holds a landmark-llama model (what an earlier conversion wrote)."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("model_type") == LandmarkLlamaConfig.model_type
+
+
 def _check_destination(source, destination, overwrite):
+    """A new or empty folder, or with `overwrite` one that holds an earlier conversion; never anything else."""
     if destination.resolve() == source.resolve():
         raise ValueError("The output folder must differ from the input folder.")
-    if destination.exists():
-        if not destination.is_dir():
-            raise FileExistsError(f"{destination} exists and is not a folder.")
-        holds_model = (destination / "config.json").exists() or any(destination.glob("*.safetensors"))
-        if any(destination.iterdir()) and not overwrite:
-            what = "already holds a model" if holds_model else "is not empty"
-            raise FileExistsError(f"{destination} {what}; pass overwrite=True (--overwrite) to replace it.")
+    if not destination.exists():
+        return
+    if not destination.is_dir():
+        raise FileExistsError(f"{destination} exists and is not a folder.")
+    if not any(destination.iterdir()):
+        return
+    if not _is_conversion(destination):
+        raise FileExistsError(
+            f"{destination} is not empty and holds no landmark-llama model; choose a new or empty folder (it is never "
+            "replaced, even with --overwrite)."
+        )
+    if not overwrite:
+        raise FileExistsError(f"{destination} already holds a model; pass overwrite=True (--overwrite) to replace it.")
+
+
+def _check_replaceable(destination, written):
+    """Before replacing an earlier conversion: every file in it must be one a conversion writes, so that nothing
+    else of the user's is deleted."""
+    names = {path.name for path in written.iterdir()}
+    foreign = sorted(
+        path.name for path in destination.iterdir()
+        if path.name not in names and not path.name.endswith((".safetensors", ".safetensors.index.json"))
+    )
+    if foreign:
+        raise FileExistsError(
+            f"{destination} holds files a conversion does not write ({', '.join(foreign[:5])}); move them away or "
+            "choose another folder. Nothing was changed."
+        )
 
 
 def _add_tokens(tokenizer, landmark_token_id):
@@ -122,12 +153,21 @@ def convert_llama(
     model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.config.validate_architecture()
 
+    # A literal "<landmark>" (or "</s>") in text is read as text, never as the control token: the model inserts
+    # landmarks itself and refuses them in input_ids.
+    tokenizer.split_special_tokens = True
+    tokenizer.init_kwargs["split_special_tokens"] = True
+
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if destination.exists():
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the folder's permissions
+        if destination.exists() and any(destination.iterdir()):
+            _check_replaceable(destination, staging)
             retired = staging.with_name(staging.name + ".old")
             os.replace(destination, retired)
             os.replace(staging, destination)
@@ -147,7 +187,7 @@ def main(argv=None):
     parser.add_argument("--train_context_length", type=int, default=512)
     parser.add_argument("--retrieval_top_k", type=int, default=4)
     parser.add_argument("--landmark_token_id", type=int, default=None, help="reuse this existing token id")
-    parser.add_argument("--overwrite", action="store_true", help="replace a model already in destination")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier conversion in destination")
     args = parser.parse_args(argv)
     destination = convert_llama(**vars(args))
     print(f"wrote {destination}")

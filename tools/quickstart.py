@@ -6,7 +6,8 @@
 2. converts it to landmark-llama (tools/convert_llama.py),
 3. reloads the folder in a separate Python process with only transformers, via
    `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`,
-4. runs a forward pass over a prompt spanning several landmark blocks and a short greedy generation.
+4. runs a forward pass over a prompt spanning several landmark blocks and a short greedy generation,
+5. generates after a prompt of 8 times the training context through the block-retrieval cache.
 """
 
 import argparse
@@ -23,7 +24,7 @@ from landmark_llama.tools.tiny_llama import build_tiny_llama
 
 RUN_FROM_FOLDER = textwrap.dedent(
     """
-    import sys, torch
+    import sys, time, torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     folder = sys.argv[1]
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
@@ -39,6 +40,17 @@ RUN_FROM_FOLDER = textwrap.dedent(
           f"{torch.log(torch.tensor(float(model.config.vocab_size))).item():.3f})")
     generated = model.generate(**inputs, max_new_tokens=8, do_sample=False)
     print("greedy continuation:", tokenizer.decode(generated[0, n:]))
+
+    context = model.config.train_context_length
+    long_prompt = tokenizer(" ".join(["the grass is green ."] * (2 * context)), return_tensors="pt").input_ids
+    start = time.perf_counter()
+    out = model.generate(long_prompt, max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
+    seconds = time.perf_counter() - start
+    cache = out.get("cache", out.get("past_key_values"))
+    blocks = int(cache.internal_lengths[0]) // model.config.block_size
+    print(f"long prompt: {long_prompt.shape[1]} tokens ({long_prompt.shape[1] // context}x the training context "
+          f"of {context}); {type(cache).__name__} holds {blocks} blocks a layer and retrieved "
+          f"{cache.settings.retrieval_top_k} per head and token; 8 new tokens in {seconds:.1f} s")
     """
 )
 
