@@ -47,7 +47,7 @@ PY
 COMMON=(--model_name_or_path "$WORK/landmark" --train_file "$WORK/corpus.txt" --max_steps "$STEPS"
         --learning_rate 1e-3 --warmup_steps 0.1 --lr_scheduler_type cosine --weight_decay 0.1
         --logging_steps 1 --save_strategy no --report_to none --seed 0 --dataloader_num_workers 0 --disable_tqdm true)
-FSDP=(--fsdp "full_shard auto_wrap" --fsdp_transformer_layer_cls_to_wrap LlamaDecoderLayer --gradient_checkpointing)
+FSDP=(--fsdp "full_shard auto_wrap" --fsdp_transformer_layer_cls_to_wrap LlamaDecoderLayer --activation_checkpointing)
 
 for precision in fp32 bf16; do
     flags=()

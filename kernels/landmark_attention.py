@@ -744,5 +744,11 @@ def landmark_attention(q, k, v, block_size, sm_scale=None):
 
     Returns:
         [batch, q_heads, n_q, head_dim] in q's dtype. Differentiable in q, k and v.
+
+    Inside an autocast region q, k and v are cast to its dtype first, as SDPA does (RoPE in fp32 promotes q and k
+    while v stays in bf16, so the Trainer's --bf16 hands over mixed dtypes); the output is then in that dtype.
     """
+    if torch.is_autocast_enabled(q.device.type):
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = (t.to(dtype) for t in (q, k, v))
     return LandmarkAttnFunction.apply(q, k, v, block_size, sm_scale)

@@ -136,3 +136,25 @@ def test_retrieval_cache_on_cuda_follows_the_cpu(granularity):
           f"{errors.median().item():.1e}), generated tokens equal {tokens:.0%}; bf16 tokens equal {bf16:.0%}")
     assert agreeing >= 0.98 and errors.median() < 1e-5
     assert bf16_tokens.shape == cpu_tokens.shape
+
+
+def test_trainer_bf16_step_on_the_kernel_path(tmp_path):
+    """Issue 16.1: the Trainer's --bf16 (fp32 weights under bf16 autocast) used to crash the Triton kernel with mixed
+    q/k/v dtypes; two steps must run and follow the eager path's losses."""
+    import math
+
+    from transformers import Trainer, TrainingArguments
+
+    ids = random_ids(4, 300)
+    dataset = [{"input_ids": row, "labels": row} for row in ids]
+    losses = {}
+    for backend in ("triton", "eager"):
+        model = tiny_landmark_model(block_size=64, attention_backend=backend, **GPU_MODEL).cuda().train()
+        args = TrainingArguments(output_dir=str(tmp_path / backend), bf16=True, max_steps=2, report_to="none",
+                                 per_device_train_batch_size=2, logging_steps=1, save_strategy="no", seed=0)
+        trainer = Trainer(model=model, args=args, train_dataset=dataset)
+        trainer.train()
+        losses[backend] = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    print(f"bf16 Trainer losses: triton {losses['triton']}, eager {losses['eager']}")
+    assert len(losses["triton"]) == 2 and all(math.isfinite(x) for x in losses["triton"])
+    assert all(abs(a - b) < 0.05 for a, b in zip(losses["triton"], losses["eager"]))

@@ -135,6 +135,18 @@ def test_transposed_inputs_and_scale():
     check_against_reference(q, k, v, 16, sm_scale=0.3)
 
 
+def test_follows_autocast_like_sdpa():
+    """Issue 16.1: under bf16 autocast, fp32 q and k (RoPE promotes them) and a bf16 v used to be refused."""
+    q, k, v = (t.requires_grad_() for t in make_inputs(1, 4, 2, 40, 40, 32, torch.float32))
+    with torch.autocast(q.device.type, dtype=torch.bfloat16):
+        out = landmark_attention(q, k, v.to(torch.bfloat16), 8)
+    assert out.dtype == torch.bfloat16
+    expected = landmark_attention_reference(q.detach().cpu(), k.detach().cpu(), v.detach().cpu(), 8)
+    torch.testing.assert_close(out.detach().cpu().double(), expected, atol=3e-2, rtol=0)
+    out.float().sum().backward()
+    assert q.grad.dtype == torch.float32 and q.grad.abs().sum() > 0
+
+
 def test_landmark_values_unused_and_rows_sum_to_one():
     """Paper appendix A: equal scores, B = 3 is not a power of two here, so use the structure directly: with
     v = 1 everywhere but landmark rows set to 1e6, the output stays 1 (weights sum to 1, landmarks get 0)."""

@@ -4,7 +4,7 @@ One GPU, LoRA (the landmark's embedding and output rows train with the adapters)
 
     python -m train.finetune --model_name_or_path path/to/llama --block_size 51 --train_context_length 512 \
         --train_file data.jsonl --output_dir out/lora --lora_r 16 --merge_lora \
-        --bf16 --gradient_checkpointing --max_steps 1000 --learning_rate 2e-4
+        --bf16 --activation_checkpointing --max_steps 1000 --learning_rate 2e-4
 
 Many GPUs, full fine-tuning with FSDP sharding the decoder layers (the paper's run: train/recipes/):
 
@@ -94,7 +94,23 @@ class DataArguments:
     )
 
 
+def _checkpointing_names(argv):
+    """transformers 5.23 renamed --gradient_checkpointing(_kwargs) to --activation_checkpointing(_kwargs) and warns on
+    the old name; either name works here, passed on under the one the installed version defines."""
+    fields = TrainingArguments.__dataclass_fields__
+    new_name = "activation_checkpointing" in fields
+    old, current = ("gradient", "activation") if new_name else ("activation", "gradient")
+    renamed = []
+    for arg in argv:
+        flag, sep, value = arg.partition("=")
+        if flag in (f"--{old}_checkpointing", f"--{old}_checkpointing_kwargs"):
+            arg = flag.replace(old, current, 1) + sep + value
+        renamed.append(arg)
+    return renamed
+
+
 def main(argv=None):
+    argv = _checkpointing_names(sys.argv[1:] if argv is None else list(argv))
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     if data_args.train_context_length is not None and data_args.train_context_length <= 0:

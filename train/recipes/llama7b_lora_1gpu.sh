@@ -24,6 +24,6 @@ python -m train.finetune \
     --max_steps 15000 --per_device_train_batch_size 8 --gradient_accumulation_steps 16 \
     --learning_rate 2e-4 --weight_decay 0.0 --warmup_steps 0.03 \
     --lr_scheduler_type cosine --lr_scheduler_kwargs '{"num_cycles": 0.4}' \
-    --bf16 --tf32 true --gradient_checkpointing \
+    --bf16 --tf32 true --activation_checkpointing \
     --save_strategy steps --save_steps 1000 --save_total_limit 2 --logging_steps 1 \
     "$@"
