@@ -7,7 +7,7 @@
 3. reloads the folder in a separate Python process with only transformers, via
    `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`,
 4. runs a forward pass over a prompt spanning several landmark blocks and a short greedy generation,
-5. generates after a prompt of 8 times the training context through the block-retrieval cache.
+5. generates after a prompt of 10 times the training context through the block-retrieval cache.
 """
 
 import argparse
