@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 
@@ -406,6 +407,90 @@ def recover(base, diff, out, overwrite=False):
     return out
 
 
+PAPER_MODEL_TYPE = "llama_with_landmark"
+
+
+def _load_paper_weights(folder):
+    """The paper's diff weights: safetensors, or the pytorch_model*.bin its transformers 4.28 wrote, read with
+    torch's weights-only unpickler (tensors only: no code in the file can run)."""
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return {name: tensor for file in files for name, tensor in load_file(file).items()}
+    files = sorted(folder.glob("pytorch_model*.bin"))
+    if not files:
+        raise FileNotFoundError(f"{folder} has no weights (safetensors or pytorch_model*.bin).")
+    state = {}
+    for file in files:
+        try:
+            state.update(torch.load(file, map_location="cpu", weights_only=True))
+        except Exception as error:  # the weights-only unpickler refuses anything but tensors
+            raise ValueError(f"{file} is not a plain tensor checkpoint ({error}); it is refused unread.") from None
+    return state
+
+
+def import_paper(base, diff, out, overwrite=False):
+    """Recover a model released in the paper's format (Alpaca-style: tuned minus base, the base first resized with
+    `[PAD]` and `<landmark>` rows at the mean of its rows; config `llama_with_landmark` with `mem_id`, `mem_freq`) and
+    write it as a landmark-llama folder: `block_size = mem_freq + 1`, the landmark id kept. Needs the model's memory
+    in fp32, as the authors' own recovery does."""
+    from transformers import AutoTokenizer
+
+    from landmark_llama import LandmarkLlamaConfig, LandmarkLlamaForCausalLM
+
+    base, diff, out = Path(base), Path(diff), Path(out)
+    config = json.loads((diff / "config.json").read_text(encoding="utf-8"))
+    if config.get("model_type") != PAPER_MODEL_TYPE or "mem_freq" not in config:
+        raise ValueError(f"{diff} is not a diff in the paper's format: its config is not {PAPER_MODEL_TYPE!r} with "
+                         "mem_id and mem_freq.")
+    _check_output(out, "config.json", overwrite)
+    base_weights = _Weights(base, "base")
+    tuned = _load_paper_weights(diff)
+    recovered = {}
+    for name, difference in tqdm(sorted(tuned.items()), desc="recovering", unit="tensor"):
+        if name not in base_weights:
+            raise ValueError(f"the base {base} has no tensor {name}; use the Llama checkpoint the diff was made from.")
+        reference = base_weights.get(name).float()
+        added = difference.shape[0] - reference.shape[0] if difference.dim() else 0
+        if added > 0 and name.endswith(("embed_tokens.weight", "lm_head.weight")):  # their resize of the base
+            reference = torch.cat([reference, reference.mean(0, keepdim=True).expand(added, -1)])
+        if reference.shape != difference.shape:
+            raise ValueError(f"tensor {name} is {tuple(difference.shape)} in the diff and {tuple(reference.shape)} in "
+                             "the base: the diff was not made from this base.")
+        recovered[name] = difference.float() + reference
+    checksum = diff / "checksum_psum.txt"
+    if checksum.is_file():  # the authors' integrity check: the sum of every recovered weight
+        expected, total = float(checksum.read_text()), sum(t.sum().item() for t in recovered.values())
+        if abs(total - expected) > 1e-2:  # their tolerance
+            raise ValueError(f"the recovered weights sum to {total}, the diff's checksum_psum.txt says {expected}: "
+                             "the base is the wrong checkpoint or a file is corrupt.")
+    # RoPE buffers their transformers saved (and summed above); recomputed by ours
+    recovered = {name: tensor for name, tensor in recovered.items() if "rotary_emb" not in name}
+
+    llama_fields = {k: v for k, v in config.items() if k in LandmarkLlamaConfig.__dataclass_fields__ and k not in (
+        "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "auto_map",
+        "train_context_length", "use_cache")}
+    landmark_config = LandmarkLlamaConfig(
+        **llama_fields, landmark_token_id=config["mem_id"], block_size=config["mem_freq"] + 1,
+        train_context_length=config.get("train_context_length", 512), attention_backend="auto",
+    )
+    model = LandmarkLlamaForCausalLM(landmark_config)
+    model.load_state_dict(recovered, strict=True)
+    tokenizer = AutoTokenizer.from_pretrained(diff)
+    tokenizer.split_special_tokens = True  # a literal "<landmark>" in text stays text
+    tokenizer.init_kwargs["split_special_tokens"] = True
+    if tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.config.validate_architecture()
+    staging = _staged(out)
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        _publish(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -419,9 +504,14 @@ def main(argv=None):
     recover_parser.add_argument("--diff", required=True)
     recover_parser.add_argument("--out", required=True)
     recover_parser.add_argument("--overwrite", action="store_true", help="replace an earlier recovery in --out")
+    paper_parser = commands.add_parser("import-paper", help="recover a diff in the paper's format as landmark-llama")
+    paper_parser.add_argument("--base", required=True)
+    paper_parser.add_argument("--diff", required=True)
+    paper_parser.add_argument("--out", required=True)
+    paper_parser.add_argument("--overwrite", action="store_true", help="replace an earlier output in --out")
     args = vars(parser.parse_args(argv))
-    command = args.pop("command")
-    print(f"wrote {(make if command == 'make' else recover)(**args)}")
+    command = {"make": make, "recover": recover, "import-paper": import_paper}[args.pop("command")]
+    print(f"wrote {command(**args)}")
 
 
 if __name__ == "__main__":
