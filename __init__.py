@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 # Absolute imports: pytest imports this file by path when collecting the repository (the root is the package),
 # under whatever name the checkout's folder gives it; the installed package resolves the same files.
+from landmark_llama.cache_landmark_llama import LandmarkRetrievalCache
 from landmark_llama.configuration_landmark_llama import LandmarkLlamaConfig
 from landmark_llama.modeling_landmark_llama import LandmarkLlamaForCausalLM, LandmarkLlamaModel
 
@@ -18,4 +19,4 @@ AutoConfig.register(LandmarkLlamaConfig.model_type, LandmarkLlamaConfig, exist_o
 AutoModel.register(LandmarkLlamaConfig, LandmarkLlamaModel, exist_ok=True)
 AutoModelForCausalLM.register(LandmarkLlamaConfig, LandmarkLlamaForCausalLM, exist_ok=True)
 
-__all__ = ["LandmarkLlamaConfig", "LandmarkLlamaModel", "LandmarkLlamaForCausalLM"]
+__all__ = ["LandmarkLlamaConfig", "LandmarkLlamaModel", "LandmarkLlamaForCausalLM", "LandmarkRetrievalCache"]
