@@ -10,9 +10,7 @@ complete, so a failure never leaves a half-written model.
 
 import argparse
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -20,6 +18,7 @@ from tokenizers import AddedToken
 from transformers import AutoTokenizer
 
 from landmark_llama import LandmarkLlamaConfig, LandmarkLlamaForCausalLM
+from landmark_llama.tools.folders import publish, staging_folder
 
 
 LANDMARK_TOKEN = "<landmark>"
@@ -71,21 +70,6 @@ def _check_destination(source, destination, overwrite):
         )
     if not overwrite:
         raise FileExistsError(f"{destination} already holds a model; pass overwrite=True (--overwrite) to replace it.")
-
-
-def _check_replaceable(destination, written):
-    """Before replacing an earlier conversion: every file in it must be one a conversion writes, so that nothing
-    else of the user's is deleted."""
-    names = {path.name for path in written.iterdir()}
-    foreign = sorted(
-        path.name for path in destination.iterdir()
-        if path.name not in names and not path.name.endswith((".safetensors", ".safetensors.index.json"))
-    )
-    if foreign:
-        raise FileExistsError(
-            f"{destination} holds files a conversion does not write ({', '.join(foreign[:5])}); move them away or "
-            "choose another folder. Nothing was changed."
-        )
 
 
 def _add_tokens(tokenizer, landmark_token_id):
@@ -158,22 +142,11 @@ def convert_llama(
     tokenizer.split_special_tokens = True
     tokenizer.init_kwargs["split_special_tokens"] = True
 
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
+    staging = staging_folder(destination)
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        umask = os.umask(0)
-        os.umask(umask)
-        staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the folder's permissions
-        if destination.exists() and any(destination.iterdir()):
-            _check_replaceable(destination, staging)
-            retired = staging.with_name(staging.name + ".old")
-            os.replace(destination, retired)
-            os.replace(staging, destination)
-            shutil.rmtree(retired)
-        else:
-            os.replace(staging, destination)
+        publish(staging, destination)  # an earlier conversion holding a user's file is refused there
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return destination

@@ -20,14 +20,14 @@ never replaced.
 import argparse
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
+
+from landmark_llama.tools.folders import publish, staging_folder
 
 
 MANIFEST = "weight_diff.json"
@@ -164,37 +164,6 @@ def _check_output(destination, manifest_name=None, overwrite=False):
             )
 
 
-def _publish(staging, destination):
-    """Move a complete staging folder into place, with the usual permissions instead of mkdtemp's 0700. A folder
-    being replaced may hold only files of the kind written here: nothing else of the user's is ever deleted."""
-    if destination.exists():
-        written = {path.name for path in staging.iterdir()}
-        foreign = sorted(
-            path.name for path in destination.iterdir()
-            if path.name not in written and not path.name.endswith((".safetensors", ".safetensors.index.json"))
-        )
-        if foreign:
-            raise FileExistsError(
-                f"{destination} holds files this command does not write ({', '.join(foreign[:5])}); move them away "
-                "or choose another folder. Nothing was changed."
-            )
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)
-    if destination.exists():
-        retired = staging.with_name(staging.name + ".old")
-        os.replace(destination, retired)
-        os.replace(staging, destination)
-        shutil.rmtree(retired)
-    else:
-        os.replace(staging, destination)
-
-
-def _staged(destination):
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
-
-
 def _copy_carried(source, target, skip=()):
     for pattern in _CARRIED:
         for path in source.glob(pattern):
@@ -289,7 +258,7 @@ def make(base, tuned, out, overwrite=False):
             entries.append((name + ADDED_ROWS, dtype, added, lambda n=name, r=rows: tuned_weights.get(n)[r:]))
         manifest["tensors"][name] = entry
 
-    staging = _staged(out)
+    staging = staging_folder(out)
     try:
         for number, (_, entries) in enumerate(tqdm(sorted(plan.items()), desc="writing the diff", unit="shard"), 1):
             # named so that no loader mistakes the diff for weights
@@ -299,7 +268,7 @@ def make(base, tuned, out, overwrite=False):
         _copy_carried(tuned, staging)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
         _model_card(base, manifest).save(staging / "README.md")
-        _publish(staging, out)
+        publish(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
@@ -391,7 +360,7 @@ def recover(base, diff, out, overwrite=False):
         plan.setdefault(entry["file"], []).append(
             (name, dtype, entry["shape"], lambda name=name, entry=entry: recovered(name, entry))
         )
-    staging = _staged(out)
+    staging = staging_folder(out)
     try:
         weight_map, total_size = {}, 0
         for file, entries in tqdm(sorted(plan.items()), desc="recovering", unit="shard"):
@@ -401,7 +370,7 @@ def recover(base, diff, out, overwrite=False):
                 total_size += torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
         _write_index(staging, weight_map, total_size)
         _copy_carried(diff, staging, skip={MANIFEST, "README.md"})
-        _publish(staging, out)
+        publish(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
@@ -481,11 +450,11 @@ def import_paper(base, diff, out, overwrite=False):
     if tokenizer.pad_token_id is not None:
         model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.config.validate_architecture()
-    staging = _staged(out)
+    staging = staging_folder(out)
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        _publish(staging, out)
+        publish(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
