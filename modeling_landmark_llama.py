@@ -496,6 +496,7 @@ class LandmarkLlamaForCausalLM(LandmarkLlamaPreTrainedModel, LlamaForCausalLM):
         self,
         input_ids,
         next_sequence_length=None,
+        inputs_embeds=None,
         retrieval_top_k=None,
         retrieval_granularity=None,
         retrieval_positions=None,
@@ -517,7 +518,9 @@ class LandmarkLlamaForCausalLM(LandmarkLlamaPreTrainedModel, LlamaForCausalLM):
         elif cache is not None:
             check_cache_type(cache)
             cache.check_settings(**settings)
-        return super().prepare_inputs_for_generation(input_ids, next_sequence_length=next_sequence_length, **kwargs)
+        return super().prepare_inputs_for_generation(
+            input_ids, next_sequence_length=next_sequence_length, inputs_embeds=inputs_embeds, **kwargs
+        )
 
     def generate(self, *args, generation_config=None, **kwargs):
         """Stock generation; the landmark token is never emitted (the model inserts landmarks itself)."""

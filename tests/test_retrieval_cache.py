@@ -262,3 +262,12 @@ def test_bad_caches_get_clear_errors():
     for field, value in (("retrieval_granularity", "block"), ("retrieval_positions", "exact")):
         with pytest.raises(Exception, match=f"{field} must be one of"):  # config validation wraps the ValueError
             tiny_landmark_model(**{field: value})
+
+
+def test_generate_from_inputs_embeds_equals_generate_from_ids():
+    model = tiny_landmark_model(train_context_length=64, retrieval_top_k=2)
+    ids = random_ids(2, 50)
+    with torch.no_grad():
+        from_ids = model.generate(ids, max_new_tokens=8, do_sample=False)
+        from_embeds = model.generate(inputs_embeds=model.model.embed_tokens(ids), max_new_tokens=8, do_sample=False)
+    assert torch.equal(from_embeds, from_ids[:, 50:])  # generate returns only the new tokens for embeddings
