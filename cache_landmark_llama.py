@@ -19,7 +19,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 from transformers.models.llama.modeling_llama import rotate_half
 
-from .configuration_landmark_llama import RETRIEVAL_GRANULARITIES, RETRIEVAL_POSITIONS
+from .configuration_landmark_llama import RETRIEVAL_GRANULARITIES, RETRIEVAL_POSITIONS, check_choice
 
 
 TIE_TOLERANCE = 1e-5  # relative: scores this close are equal (see `top_blocks`)
@@ -80,12 +80,8 @@ def check_retrieval_settings(
     """Raise a ValueError naming the fix for settings the retrieval cache cannot run with."""
     if isinstance(retrieval_top_k, bool) or not isinstance(retrieval_top_k, int) or retrieval_top_k < 1:
         raise ValueError(f"retrieval_top_k must be an integer of at least 1, got {retrieval_top_k!r}.")
-    if retrieval_granularity not in RETRIEVAL_GRANULARITIES:
-        raise ValueError(
-            f"retrieval_granularity must be one of {RETRIEVAL_GRANULARITIES}, got {retrieval_granularity!r}."
-        )
-    if retrieval_positions not in RETRIEVAL_POSITIONS:
-        raise ValueError(f"retrieval_positions must be one of {RETRIEVAL_POSITIONS}, got {retrieval_positions!r}.")
+    check_choice("retrieval_granularity", retrieval_granularity, RETRIEVAL_GRANULARITIES)
+    check_choice("retrieval_positions", retrieval_positions, RETRIEVAL_POSITIONS)
     if retrieval_positions == "true":
         positive = isinstance(prefill_chunk_length, int) and prefill_chunk_length >= 1
         if prefill_chunk_length is not None and not positive:
@@ -148,12 +144,10 @@ class ChunkPositions:
 
     start: [batch] internal positions each row held before this chunk (complete blocks = start // block_size).
     length: [batch] new positions of each row in this chunk; slots past it are padding and never enter the cache.
-    width: slots of the chunk (the longest row).
     """
 
     start: torch.LongTensor
     length: torch.LongTensor
-    width: int
 
 
 @dataclass
@@ -374,9 +368,9 @@ class LandmarkRetrievalCache(Cache):
         lengths = self.internal_lengths
         return lengths - lengths // self.block_size
 
-    def begin_chunk(self, lengths, width):
+    def begin_chunk(self, lengths):
         """Announce a pass through the stack adding `lengths` [batch] internal positions to each row."""
-        self.chunk = ChunkPositions(self.internal_lengths, lengths, width)
+        self.chunk = ChunkPositions(self.internal_lengths, lengths)
 
     def end_chunk(self):
         self.internal_lengths = self.internal_lengths + self.chunk.length
@@ -404,10 +398,6 @@ class LandmarkRetrievalCache(Cache):
     def reset(self):
         super().reset()
         self.internal_lengths, self.seen_tokens, self.chunk = None, 0, None
-
-    @property
-    def is_compileable(self):
-        return False
 
 
 def check_cache_type(cache):

@@ -9,6 +9,12 @@ RETRIEVAL_GRANULARITIES = ("token", "chunk")
 RETRIEVAL_POSITIONS = ("stingy", "true")
 
 
+def check_choice(name, value, choices):
+    """ValueError naming the field and its allowed values when `value` is not one of them."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}.")
+
+
 @strict
 class LandmarkLlamaConfig(LlamaConfig):
     r"""
@@ -73,18 +79,11 @@ class LandmarkLlamaConfig(LlamaConfig):
             raise ValueError(f"train_context_length must be positive, got {self.train_context_length}.")
         if self.retrieval_top_k < 1:
             raise ValueError(f"retrieval_top_k must be at least 1, got {self.retrieval_top_k}.")
-        if self.retrieval_granularity not in RETRIEVAL_GRANULARITIES:
-            raise ValueError(
-                f"retrieval_granularity must be one of {RETRIEVAL_GRANULARITIES}, got {self.retrieval_granularity!r}."
-            )
-        if self.retrieval_positions not in RETRIEVAL_POSITIONS:
-            raise ValueError(
-                f"retrieval_positions must be one of {RETRIEVAL_POSITIONS}, got {self.retrieval_positions!r}."
-            )
+        check_choice("retrieval_granularity", self.retrieval_granularity, RETRIEVAL_GRANULARITIES)
+        check_choice("retrieval_positions", self.retrieval_positions, RETRIEVAL_POSITIONS)
         if self.prefill_chunk_length is not None and self.prefill_chunk_length < 1:
             raise ValueError(f"prefill_chunk_length must be positive or None, got {self.prefill_chunk_length}.")
-        if self.attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}.")
+        check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         if self.landmark_token_id is not None:
             if not 0 <= self.landmark_token_id < self.vocab_size:
                 raise ValueError(

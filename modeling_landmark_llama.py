@@ -430,7 +430,7 @@ class LandmarkLlamaModel(LandmarkLlamaPreTrainedModel, LlamaModel):
         for begin in range(0, total, chunk_length):
             chunk = internal_embeds[:, begin : begin + chunk_length]
             width = chunk.shape[1]
-            cache.begin_chunk((lengths - begin).clamp(0, width), width)
+            cache.begin_chunk((lengths - begin).clamp(0, width))
             at_zero = torch.zeros(1, width, dtype=torch.long, device=chunk.device)
             outputs = LlamaModel.forward(
                 self, inputs_embeds=chunk, position_ids=at_zero, use_cache=False, retrieval_cache=cache, **kwargs

@@ -7,6 +7,19 @@ import tempfile
 from pathlib import Path
 
 
+def check_new_folder(destination, marker=None, overwrite=False):
+    """`destination` must be new or empty, or, with `overwrite`, hold an earlier output (it has the file `marker`)."""
+    destination = Path(destination)
+    if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
+        earlier = marker is not None and (destination / marker).is_file()
+        if not (overwrite and earlier):
+            raise FileExistsError(
+                f"{destination} exists and is not empty; choose a new or empty folder"
+                + (" (or pass --overwrite to replace an earlier output)" if earlier else "")
+                + ". Nothing was written."
+            )
+
+
 def staging_folder(destination):
     """A new empty folder beside `destination` (same file system, so the final move is atomic)."""
     destination = Path(destination)

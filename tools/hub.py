@@ -19,7 +19,7 @@ from pathlib import Path
 from huggingface_hub import HfApi, get_token, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError
 
-from landmark_llama.tools.folders import publish, staging_folder
+from landmark_llama.tools.folders import check_new_folder, publish, staging_folder
 
 
 WEIGHT_DIFF_MANIFEST = "weight_diff.json"  # tools.weight_diff.MANIFEST, named here to keep torch out of the import
@@ -71,22 +71,17 @@ def upload(folder, repo_id, private=False, revision=None, commit_message=None, t
     return getattr(commit, "commit_url", None) or str(repo_url)
 
 
-def _check_empty(out):
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not empty; choose a new or empty folder. Nothing was written.")
-
-
 def download(repo_id, out, revision=None, token=None):
     """Download the repo `repo_id` (at `revision`) into the new or empty folder `out`; returns its path."""
     out = Path(out)
-    _check_empty(out)
+    check_new_folder(out)
     staging = staging_folder(out)
     try:
         snapshot_download(
             repo_id, revision=revision, local_dir=str(staging), endpoint=_endpoint(), token=token or get_token(),
         )
         shutil.rmtree(staging / ".cache", ignore_errors=True)  # huggingface_hub's download metadata
-        _check_empty(out)
+        check_new_folder(out)
         publish(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from landmark_llama.tools.folders import publish, staging_folder
+from landmark_llama.tools.folders import check_new_folder, publish, staging_folder
 
 
 MANIFEST = "weight_diff.json"
@@ -36,6 +36,10 @@ ADDED_ROWS = ".added_rows"  # suffix of the tensor holding a grown vocabulary's 
 _BIT_VIEWS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 # What a model folder holds besides weights; copied from the tuned folder into the diff and from the diff out.
 _CARRIED = ("*.json", "*.py", "*.model", "*.txt", "*.jinja", "*.tiktoken")
+
+
+def _nbytes(dtype, shape):
+    return torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
 
 
 def sha256(tensor):
@@ -99,7 +103,7 @@ class _Weights:
             dtype = dtypes.get(info["dtype"])
             if dtype is None:
                 raise self._corrupt(file, f"tensor {name} has the unknown dtype {info['dtype']}")
-            expected = torch.Size(info["shape"]).numel() * torch.empty((), dtype=dtype).element_size()
+            expected = _nbytes(dtype, info["shape"])
             if finish - begin != expected or data_start + finish > size:
                 raise self._corrupt(file, f"tensor {name} runs past the end of the file")
             entries[name] = (dtype, list(info["shape"]), data_start + begin, expected)
@@ -136,7 +140,7 @@ def write_safetensors(path, entries):
     returns the tensor, called only when its bytes are due, so memory holds one tensor, never the file."""
     offset, header = 0, {"__metadata__": {"format": "pt"}}
     for name, dtype, shape, _ in entries:
-        size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        size = _nbytes(dtype, shape)
         header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape),
                         "data_offsets": [offset, offset + size]}
         offset += size
@@ -150,18 +154,6 @@ def write_safetensors(path, entries):
             if tensor.dtype != dtype or list(tensor.shape) != list(shape):
                 raise RuntimeError(f"{name}: made {tensor.dtype} {tuple(tensor.shape)}, announced {dtype} {shape}")
             file.write(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().data)
-
-
-def _check_output(destination, manifest_name=None, overwrite=False):
-    """A new or empty folder, or with `overwrite` one holding an earlier output of the same kind (by its marker)."""
-    if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
-        earlier = manifest_name is not None and (destination / manifest_name).is_file()
-        if not (overwrite and earlier):
-            raise FileExistsError(
-                f"{destination} exists and is not empty; choose a new or empty folder"
-                + (" (or pass --overwrite to replace an earlier output)" if earlier else "")
-                + ". Nothing was written."
-            )
 
 
 def _copy_carried(source, target, skip=()):
@@ -216,7 +208,7 @@ def make(base, tuned, out, overwrite=False):
 
     The diff has one shard per shard of the tuned model, written one tensor at a time."""
     base, tuned, out = Path(base), Path(tuned), Path(out)
-    _check_output(out, MANIFEST, overwrite)
+    check_new_folder(out, MANIFEST, overwrite)
     base_weights, tuned_weights = _Weights(base, "base"), _Weights(tuned, "tuned")
     manifest = {"format": FORMAT, "version": 1, "encoding": "xor", "tensors": {}, "base": {}, "diff_files": {}}
     plan = {}  # tuned shard -> entries for write_safetensors
@@ -326,7 +318,7 @@ def recover(base, diff, out, overwrite=False):
     """Recover the tuned model from `base` and the diff folder `diff` into the new folder `out`; returns its path."""
     base, diff, out = Path(base), Path(diff), Path(out)
     manifest = _read_manifest(diff)
-    _check_output(out, "config.json", overwrite)
+    check_new_folder(out, "config.json", overwrite)
     base_weights = check_base(base, manifest)
     diff_weights = _Weights(diff, "diff")
     missing = sorted(set(manifest["diff_files"]) - set(diff_weights.location))
@@ -367,7 +359,7 @@ def recover(base, diff, out, overwrite=False):
             write_safetensors(staging / file, entries)
             for name, dtype, shape, _ in entries:
                 weight_map[name] = file
-                total_size += torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+                total_size += _nbytes(dtype, shape)
         _write_index(staging, weight_map, total_size)
         _copy_carried(diff, staging, skip={MANIFEST, "README.md"})
         publish(staging, out)
@@ -411,7 +403,7 @@ def import_paper(base, diff, out, overwrite=False):
     if config.get("model_type") != PAPER_MODEL_TYPE or "mem_freq" not in config:
         raise ValueError(f"{diff} is not a diff in the paper's format: its config is not {PAPER_MODEL_TYPE!r} with "
                          "mem_id and mem_freq.")
-    _check_output(out, "config.json", overwrite)
+    check_new_folder(out, "config.json", overwrite)
     base_weights = _Weights(base, "base")
     tuned = _load_paper_weights(diff)
     recovered = {}
