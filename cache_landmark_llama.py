@@ -144,10 +144,14 @@ class ChunkPositions:
 
     start: [batch] internal positions each row held before this chunk (complete blocks = start // block_size).
     length: [batch] new positions of each row in this chunk; slots past it are padding and never enter the cache.
+    most_blocks, longest_tail: the largest complete-block count and tail of the rows, read to the host once per
+        chunk rather than once per layer.
     """
 
     start: torch.LongTensor
     length: torch.LongTensor
+    most_blocks: int
+    longest_tail: int
 
 
 @dataclass
@@ -207,8 +211,8 @@ class LandmarkCacheLayer(CacheLayerMixin):
         block_size = self.block_size
         batch, kv_heads, width, head_dim = key_states.shape
         tail_block, tail_length = chunk.start // block_size, chunk.start % block_size
-        local_blocks = -(-(int(tail_length.max()) + width) // block_size)
-        self._reserve(int(tail_block.max()) + local_blocks)
+        local_blocks = -(-(chunk.longest_tail + width) // block_size)
+        self._reserve(chunk.most_blocks + local_blocks)
 
         rows = torch.arange(batch, device=self.device)[:, None]
         written = tail_block[:, None] + torch.arange(local_blocks, device=self.device)  # [batch, local_blocks]
@@ -232,7 +236,7 @@ class LandmarkCacheLayer(CacheLayerMixin):
         """
         block_size, top_k = self.block_size, settings.retrieval_top_k
         blocks = chunk.start // block_size  # complete blocks of each row
-        num_blocks = int(blocks.max()) if self.is_initialized else 0
+        num_blocks = chunk.most_blocks if self.is_initialized else 0
         if num_blocks == 0:
             return None
         batch, q_heads, width, head_dim = query.shape
@@ -370,7 +374,9 @@ class LandmarkRetrievalCache(Cache):
 
     def begin_chunk(self, lengths):
         """Announce a pass through the stack adding `lengths` [batch] internal positions to each row."""
-        self.chunk = ChunkPositions(self.internal_lengths, lengths)
+        start = self.internal_lengths
+        most_blocks, longest_tail = (int(x.max()) for x in (start // self.block_size, start % self.block_size))
+        self.chunk = ChunkPositions(start, lengths, most_blocks, longest_tail)
 
     def end_chunk(self):
         self.internal_lengths = self.internal_lengths + self.chunk.length
