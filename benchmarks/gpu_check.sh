@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU side of the project in one command: what it checks and what it times.
 #
-#   bash benchmarks/gpu_check.sh OUT_DIR [tests] [bench] [sweep]     (no step named: all three)
+#   bash benchmarks/gpu_check.sh OUT_DIR [tests] [bench] [sweep] [tiny]   (no step named: the first three)
 #
 #   tests  the CUDA-marked tests: kernel vs float64 at real sizes, every tile config, determinism, no
 #          recompilation; model-level eager vs Triton (logits and gradients), padding, peak memory
@@ -10,6 +10,9 @@
 #          -> OUT_DIR/bench/attention.{md,json,png}, OUT_DIR/bench.log             (about 4 min)
 #   sweep  benchmarks/tile_sweep.py at 8k: every tile config of each kernel on its own
 #          -> OUT_DIR/sweep/tile_sweep.json, OUT_DIR/sweep.log                      (about 1.5 min)
+#   tiny   the shipped model's recipe (train/recipes/tiny_stdlib.sh), landmark and stock baseline trained at once,
+#          then a pass key check of both on the GPU (20 prompts a length) -> OUT_DIR/tiny/, OUT_DIR/tiny.log,
+#          OUT_DIR/tiny-passkey/; recipe options in $TINY_OPTIONS                   (about 6 min on an H200)
 #
 # With the device tool (10 minutes a command), run `tests` in one call and `bench sweep` in another:
 #   bash benchmarks/gpu_check.sh $OUT tests
@@ -17,7 +20,7 @@
 # Works without installing the package (the device image cannot install it editable): the repository is made
 # importable as `landmark_llama` through a symlink, and `python` is provided where only `python3` exists.
 set -uo pipefail
-out_dir=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR [tests] [bench] [sweep]}
+out_dir=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR [tests] [bench] [sweep] [tiny]}
 shift
 steps=${*:-tests bench sweep}
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -42,7 +45,12 @@ for step in $steps; do
                    || status=1 ;;
         sweep) timeout 240 python benchmarks/tile_sweep.py --out "$out_dir/sweep" --n 8192 2>&1 \
                    | tee "$out_dir/sweep.log" || status=1 ;;
-        *) echo "unknown step '$step' (tests, bench, sweep)"; status=2 ;;
+        tiny) { timeout 480 bash train/recipes/tiny_stdlib.sh "$out_dir/tiny" --time_limit 400 ${TINY_OPTIONS:-} && \
+                timeout 100 python -m landmark_llama.tools.passkey --model "$out_dir/tiny/tiny-stdlib-landmark" \
+                    --baseline "$out_dir/tiny/tiny-stdlib-stock" --baseline_lengths 512 1024 2048 4096 \
+                    --lengths 512 2048 8192 32768 --trials 20 --batch_size 20 --output "$out_dir/tiny-passkey"; } \
+                  2>&1 | tee "$out_dir/tiny.log" || status=1 ;;
+        *) echo "unknown step '$step' (tests, bench, sweep, tiny)"; status=2 ;;
     esac
 done
 exit $status

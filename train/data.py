@@ -8,7 +8,6 @@ so a window of `train_context_length` tokens runs as `train_context_length + tra
 import glob
 from pathlib import Path
 
-import datasets
 import torch
 
 
@@ -52,6 +51,8 @@ def load_documents(train_file=None, dataset_name=None, dataset_config_name=None,
     train_file: a local `.txt` file (one document a line) or `.json`/`.jsonl` file (one object a line), or a glob
     of such files. dataset_name: any `datasets.load_dataset` name instead (needs a reachable hub for remote names).
     """
+    import datasets  # here, so that packing and collating need only torch
+
     if (train_file is None) == (dataset_name is None):
         raise ValueError("Pass exactly one of --train_file (local text or jsonl) and --dataset_name.")
     if train_file is not None:

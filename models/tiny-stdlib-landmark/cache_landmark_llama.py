@@ -1,0 +1,427 @@
+"""Block-retrieval KV cache of landmark-llama: the inference form of landmark attention (paper section 3.2).
+
+Each layer keeps the keys and values of its internal sequence (landmarks included) in blocks of `block_size`
+positions; the last block of a row is the incomplete tail. Keys are kept before RoPE, so a retrieved block can be
+rotated to whatever position the retrieval assigns it. For each chunk (or decoded token) a layer scores every
+complete block of the cache by its landmark key, takes the `retrieval_top_k` best per head, and the chunk attends
+to [retrieved blocks | tail | chunk] with the grouped softmax of the training form (`modeling_landmark_llama`).
+
+Rows are independent: each row of a batch has its own length, tail and selection. Exactly equal landmark scores
+go to the earlier block.
+
+`generate` creates this cache by itself; a hand-written loop gets it back in the output's cache field
+(`past_key_values`) or may build one: `LandmarkRetrievalCache(model.config, retrieval_top_k=2)`.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
+from transformers.models.llama.modeling_llama import rotate_half
+
+from .configuration_landmark_llama import RETRIEVAL_GRANULARITIES, RETRIEVAL_POSITIONS, check_choice
+
+
+TIE_TOLERANCE = 1e-5  # relative: scores this close are equal (see `top_blocks`)
+
+
+@dataclass(frozen=True)
+class RetrievalSettings:
+    """How the cache retrieves; every field has the name of the config field (and `generate` keyword) it comes from.
+
+    retrieval_top_k: blocks retrieved per head (and per query token with `"token"` granularity).
+    retrieval_granularity: `"token"`: each query token of each head selects its own blocks (the paper's default);
+        `"chunk"`: each head selects once for the whole chunk (softmax over landmarks, then max over the chunk).
+    retrieval_positions: `"stingy"`: retrieved blocks are rotated into a window of `retrieval_top_k + 1` blocks right
+        before the tail, so no distance exceeds the training context (paper 3.2.1); `"true"`: keys keep their
+        positions.
+    prefill_chunk_length: internal positions (landmarks included) processed per pass through the stack.
+    """
+
+    retrieval_top_k: int
+    retrieval_granularity: str
+    retrieval_positions: str
+    prefill_chunk_length: int
+
+    @classmethod
+    def resolve(cls, config, **overrides):
+        """Config defaults, each replaced by the override of the same name unless it is None; validated."""
+        unknown = set(overrides) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise TypeError(f"unknown retrieval settings {sorted(unknown)}; known: {list(cls.__dataclass_fields__)}.")
+        values = {name: getattr(config, name) for name in cls.__dataclass_fields__}
+        values.update({name: value for name, value in overrides.items() if value is not None})
+        check_retrieval_settings(config.block_size, config.train_context_length, **values)
+        if values["prefill_chunk_length"] is None:
+            values["prefill_chunk_length"] = default_chunk_length(
+                config.block_size,
+                config.train_context_length,
+                values["retrieval_top_k"],
+                values["retrieval_positions"],
+            )
+        return cls(**values)
+
+
+def default_chunk_length(block_size, train_context_length, retrieval_top_k, retrieval_positions="stingy"):
+    """The paper's chunk length: the training context in whole blocks less the retrieval window of k + 1 blocks.
+
+    With true positions no window has to fit; where the formula leaves nothing, chunks are the training context.
+    """
+    whole_blocks = train_context_length - train_context_length % block_size
+    length = whole_blocks - (retrieval_top_k + 1) * block_size
+    if length < 1 and retrieval_positions == "true":
+        return max(whole_blocks, block_size)
+    return length
+
+
+def check_retrieval_settings(
+    block_size, train_context_length, retrieval_top_k, retrieval_granularity, retrieval_positions, prefill_chunk_length
+):
+    """Raise a ValueError naming the fix for settings the retrieval cache cannot run with."""
+    if isinstance(retrieval_top_k, bool) or not isinstance(retrieval_top_k, int) or retrieval_top_k < 1:
+        raise ValueError(f"retrieval_top_k must be an integer of at least 1, got {retrieval_top_k!r}.")
+    check_choice("retrieval_granularity", retrieval_granularity, RETRIEVAL_GRANULARITIES)
+    check_choice("retrieval_positions", retrieval_positions, RETRIEVAL_POSITIONS)
+    if retrieval_positions == "true":
+        positive = isinstance(prefill_chunk_length, int) and prefill_chunk_length >= 1
+        if prefill_chunk_length is not None and not positive:
+            raise ValueError(f"prefill_chunk_length must be a positive integer, got {prefill_chunk_length!r}.")
+        return
+    window = (retrieval_top_k + 1) * block_size
+    longest = default_chunk_length(block_size, train_context_length, retrieval_top_k)
+    if longest < 1:
+        raise ValueError(
+            f"retrieval_top_k={retrieval_top_k} leaves no room for a chunk: its window of {retrieval_top_k} + 1 "
+            f"blocks of {block_size} ({window} positions) fills train_context_length={train_context_length}. Lower "
+            "retrieval_top_k, or use retrieval_positions='true'."
+        )
+    if prefill_chunk_length is not None and (
+        not isinstance(prefill_chunk_length, int) or not 1 <= prefill_chunk_length <= longest
+    ):
+        raise ValueError(
+            f"prefill_chunk_length={prefill_chunk_length!r} cannot fit the retrieval window: a chunk and the "
+            f"{window} positions of the window must stay within train_context_length={train_context_length} "
+            f"(in whole blocks), so the chunk length must be between 1 and {longest}. Pass a length in that range or "
+            "None (the default)."
+        )
+
+
+def apply_rope(x, positions, inv_freq):
+    """`x` [..., n, head_dim] rotated to the integer `positions` [..., n] (broadcast), as stock Llama's RoPE does it.
+
+    The stack runs at position 0 when the cache is in use (the identity rotation), so `x` arrives unrotated and
+    already carries the RoPE type's attention scaling; only the rotation is applied here.
+    """
+    angles = positions[..., None].float() * inv_freq.float()
+    angles = torch.cat((angles, angles), dim=-1)
+    return x * angles.cos().to(x.dtype) + rotate_half(x) * angles.sin().to(x.dtype)
+
+
+def top_blocks(scores, k, tie_tolerance=TIE_TOLERANCE):
+    """The k highest of `scores` [..., blocks]: (indices [..., k] in block order, picked [..., k]); rows with fewer
+    than k finite scores fill the remaining slots with unpicked ones.
+
+    Scores within `tie_tolerance` times the row's largest magnitude of the k-th highest count as equal to it, and the
+    earliest of those blocks fill the places left: blocks with the same landmark key (every landmark of layer 0,
+    scored at one position by stingy retrieval) tie whatever rounding the matrix product that made each key left in
+    its last bits, so the choice does not depend on batch shapes or devices. Linear in the number of blocks.
+    """
+    num_blocks = scores.shape[-1]
+    cutoff = scores.topk(k, dim=-1).values[..., -1:]
+    margin = tie_tolerance * torch.nan_to_num(scores, neginf=0.0).abs().amax(dim=-1, keepdim=True)
+    above = scores > cutoff + margin
+    tied = (scores - cutoff).abs() <= margin  # NaN (never true) where both are -inf
+    tied &= tied.cumsum(-1) <= k - above.sum(-1, keepdim=True)
+    index = torch.arange(num_blocks, device=scores.device)
+    order = torch.where(above | tied, index, num_blocks + index).topk(k, dim=-1, largest=False).values
+    order = order.sort(dim=-1).values
+    return order % num_blocks, order < num_blocks
+
+
+@dataclass
+class ChunkPositions:
+    """Where one pass through the stack sits in each row's internal sequence.
+
+    start: [batch] internal positions each row held before this chunk (complete blocks = start // block_size).
+    length: [batch] new positions of each row in this chunk; slots past it are padding and never enter the cache.
+    most_blocks, longest_tail: the largest complete-block count and tail of the rows, read to the host once per
+        chunk rather than once per layer.
+    """
+
+    start: torch.LongTensor
+    length: torch.LongTensor
+    most_blocks: int
+    longest_tail: int
+
+
+@dataclass
+class RetrievedBlocks:
+    """Blocks selected for a chunk: keys (rotated to their assigned positions) and values, both
+    [batch, q_heads, retrievers, k, block_size, head_dim] with one retriever per query token (`"token"`) or one per
+    chunk (`"chunk"`), and `valid` [batch, q_heads, retrievers, k] (rows with fewer than k complete blocks)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    valid: torch.Tensor
+
+
+class LandmarkCacheLayer(CacheLayerMixin):
+    """One layer's blocks. `keys`, `values`: [batch, capacity, kv_heads, block_size, head_dim], keys before RoPE;
+    `landmarks`: [batch, capacity, kv_heads, head_dim], each block's landmark key rotated to its true position.
+
+    Block i of a row is complete when i < start // block_size; block start // block_size holds the tail in its first
+    start % block_size slots. Capacity grows by doubling; slots past a row's tail hold scratch.
+    """
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+    STORES = ("keys", "values", "landmarks")
+
+    def __init__(self, block_size):
+        super().__init__()
+        self.block_size = block_size
+        self.landmarks = None
+
+    def lazy_initialization(self, key_states, value_states):
+        batch, kv_heads, _, head_dim = key_states.shape
+        self.keys = key_states.new_zeros(batch, 0, kv_heads, self.block_size, head_dim)
+        self.values = value_states.new_zeros(batch, 0, kv_heads, self.block_size, value_states.shape[-1])
+        self.landmarks = key_states.new_zeros(batch, 0, kv_heads, head_dim)
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def _reserve(self, blocks):
+        capacity = self.keys.shape[1]
+        if blocks <= capacity:
+            return
+        grow = max(blocks, 2 * capacity) - capacity
+        for name in self.STORES:
+            store = getattr(self, name)
+            setattr(self, name, torch.cat([store, store.new_zeros(store.shape[0], grow, *store.shape[2:])], 1))
+
+    def update(self, key_states, value_states, chunk, inv_freq):
+        """Write the chunk's keys and values [batch, kv_heads, width, head_dim] behind each row's tail.
+
+        Returns the local part every query of the chunk attends to in full, [tail | chunk] laid out from the start of
+        the tail's block: keys (before RoPE) and values [batch, kv_heads, local_blocks * block_size, head_dim].
+        """
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        block_size = self.block_size
+        batch, kv_heads, width, head_dim = key_states.shape
+        tail_block, tail_length = chunk.start // block_size, chunk.start % block_size
+        local_blocks = -(-(chunk.longest_tail + width) // block_size)
+        self._reserve(chunk.most_blocks + local_blocks)
+
+        rows = torch.arange(batch, device=self.device)[:, None]
+        written = tail_block[:, None] + torch.arange(local_blocks, device=self.device)  # [batch, local_blocks]
+        slots = (tail_length[:, None] + torch.arange(width, device=self.device))[:, None, :, None]
+        local = []
+        for store, states in ((self.keys, key_states), (self.values, value_states)):
+            part = store[rows, written].permute(0, 2, 1, 3, 4).flatten(2, 3)  # [batch, kv_heads, positions, dim]
+            part = part.scatter(2, slots.expand(batch, kv_heads, width, states.shape[-1]), states.to(store.dtype))
+            store[rows, written] = part.unflatten(2, (local_blocks, block_size)).permute(0, 2, 1, 3, 4)
+            local.append(part)
+        # landmark keys at their true positions, rotated once here rather than at every retrieval
+        landmark_positions = (written * block_size + block_size - 1)[:, None]  # [batch, 1, local_blocks]
+        landmarks = apply_rope(local[0][:, :, block_size - 1 :: block_size], landmark_positions, inv_freq)
+        self.landmarks[rows, written] = landmarks.transpose(1, 2)
+        return local[0], local[1]
+
+    def retrieve(self, query, chunk, settings, inv_freq, scaling):
+        """Select blocks for the chunk's queries [batch, q_heads, width, head_dim] (rotated to their true positions).
+
+        Returns None when no row has a complete block yet, else `RetrievedBlocks`.
+        """
+        block_size, top_k = self.block_size, settings.retrieval_top_k
+        blocks = chunk.start // block_size  # complete blocks of each row
+        num_blocks = chunk.most_blocks if self.is_initialized else 0
+        if num_blocks == 0:
+            return None
+        batch, q_heads, width, head_dim = query.shape
+        kv_heads = self.keys.shape[2]
+        group = q_heads // kv_heads
+        k = min(top_k, num_blocks)
+        row_k = blocks.clamp(max=top_k)  # the paper's min(k, blocks), per row
+        stingy = settings.retrieval_positions == "stingy"
+        exists = torch.arange(num_blocks, device=query.device) < blocks[:, None]  # [batch, num_blocks]
+
+        # 1. score every complete block by its landmark key
+        grouped_query = query.float().unflatten(1, (kv_heads, group))
+        landmarks = self.landmarks[:, :num_blocks].transpose(1, 2)[:, :, None].float()  # [batch, kv, 1, blocks, dim]
+        scores = torch.matmul(grouped_query, landmarks.transpose(-1, -2))
+        if stingy:  # the k most recent keep their true positions; older landmarks are all scored at the landmark
+            # slot of the window's first block, A: <q at p, landmark at A> = <q rotated back by A, unrotated landmark>
+            window_landmark = ((blocks - row_k) * block_size - 1)[:, None, None, None]
+            older_query = apply_rope(grouped_query, -window_landmark, inv_freq)
+            unrotated = self.keys[:, :num_blocks, :, block_size - 1].transpose(1, 2)[:, :, None].float()
+            older = torch.arange(num_blocks, device=query.device) < (blocks - row_k)[:, None]
+            older_scores = torch.matmul(older_query, unrotated.transpose(-1, -2))
+            scores = torch.where(older[:, None, None, None], older_scores, scores)
+        scores = scores.flatten(1, 2).mul_(scaling)  # [batch, q_heads, width, blocks]
+        scores = scores.masked_fill_(~exists[:, None, None], float("-inf"))
+        if settings.retrieval_granularity == "chunk":
+            query_valid = torch.arange(width, device=query.device) < chunk.length[:, None]  # [batch, width]
+            probabilities = torch.softmax(scores, dim=-1)  # rows without blocks give NaN: replaced below
+            valid = exists[:, None, None] & query_valid[:, None, :, None]
+            scores = torch.where(valid, probabilities, float("-inf")).amax(dim=2, keepdim=True)
+
+        # 2. the top k in block order; equal scores go to the earlier block
+        selected, valid = top_blocks(scores, k)  # [batch, q_heads, retrievers, k]
+        row_blocks = blocks[:, None, None, None]
+
+        # 3. positions: the stingy window, older picks packed from its left, recent ones one block to the right
+        if stingy:
+            window_start = ((blocks - row_k - 1) * block_size)[:, None, None, None]
+            is_recent = selected >= row_blocks - row_k[:, None, None, None]
+            slot = torch.arange(k, device=query.device) + is_recent.long()
+            block_start = window_start + slot * block_size
+        else:
+            block_start = selected * block_size
+
+        # 4. gather the selected blocks of each query head's kv head; rotate keys by their offset in the block, then
+        # by the block's assigned start (two small rotations instead of one per key and position)
+        rows = torch.arange(batch, device=query.device)[:, None, None, None]
+        kv_head = (torch.arange(q_heads, device=query.device) // group)[None, :, None, None]
+        keys = self.keys[rows, selected, kv_head]  # [batch, q_heads, retrievers, k, block_size, dim]
+        values = self.values[rows, selected, kv_head]
+        keys = apply_rope(keys, torch.arange(block_size, device=query.device), inv_freq)
+        keys = apply_rope(keys, block_start[..., None], inv_freq)
+        return RetrievedBlocks(keys, values, valid)
+
+    def get_seq_length(self):
+        raise NotImplementedError("LandmarkRetrievalCache.get_seq_length counts input tokens for the whole cache.")
+
+    def get_mask_sizes(self, query_length):
+        raise NotImplementedError("landmark attention builds its own masks; the cache has no mask sizes.")
+
+    def get_max_length(self):
+        return -1
+
+    def reorder_cache(self, beam_idx):
+        self.batch_select_indices(beam_idx)
+
+    def batch_select_indices(self, indices):
+        if self.is_initialized:
+            for name in self.STORES:
+                setattr(self, name, getattr(self, name).index_select(0, indices.to(self.device)))
+
+    def batch_repeat_interleave(self, repeats):
+        if self.is_initialized:
+            for name in self.STORES:
+                setattr(self, name, getattr(self, name).repeat_interleave(repeats, dim=0))
+
+    def reset(self):
+        self.keys = self.values = self.landmarks = None
+        self.is_initialized = False
+
+    def crop(self, tokens_to_remove):
+        raise NotImplementedError(
+            "The landmark retrieval cache cannot be cropped (landmarks of completed blocks cannot be taken back); "
+            "assisted and speculative decoding are not supported."
+        )
+
+
+class LandmarkRetrievalCache(Cache):
+    """The block-retrieval cache of a landmark-llama model: one `LandmarkCacheLayer` per decoder layer.
+
+    Args:
+        config (`LandmarkLlamaConfig`): the model's config; block size, context length and defaults come from it.
+        retrieval_top_k, retrieval_granularity, retrieval_positions, prefill_chunk_length: override the config field
+            of the same name (see `RetrievalSettings`).
+
+    `get_seq_length()` counts the input tokens processed (columns of `input_ids`, padding included), which is what
+    `generate` slices new tokens by; each row's own length in internal positions is `internal_lengths`.
+    """
+
+    def __init__(self, config, **settings):
+        if config.landmark_token_id is None:
+            raise ValueError(
+                "config.landmark_token_id is not set; convert the checkpoint with tools/convert_llama.py."
+            )
+        self.settings = RetrievalSettings.resolve(config, **settings)
+        self.block_size = config.block_size
+        super().__init__(layers=[LandmarkCacheLayer(config.block_size) for _ in range(config.num_hidden_layers)])
+        self.internal_lengths = None  # [batch] internal positions (landmarks included) of each row
+        self.seen_tokens = 0
+        self.chunk = None  # the ChunkPositions of the pass through the stack in progress
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.settings}, layers={len(self.layers)}, tokens={self.seen_tokens})"
+
+    def check_settings(self, **settings):
+        """Refuse settings that differ from the ones this cache was built with (they are fixed per cache)."""
+        for name, value in settings.items():
+            if value is not None and getattr(self.settings, name) != value:
+                raise ValueError(
+                    f"{name}={value!r} differs from the cache's {getattr(self.settings, name)!r}. Retrieval settings "
+                    "are fixed when the cache is built: pass them to LandmarkRetrievalCache(config, ...) or let "
+                    "generate build the cache."
+                )
+
+    def tokens_per_row(self, batch, device):
+        """[batch] user tokens each row holds (padding excluded); checks the batch matches the cache."""
+        if self.internal_lengths is None:
+            self.internal_lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        if self.internal_lengths.shape[0] != batch:
+            raise ValueError(
+                f"the cache holds {self.internal_lengths.shape[0]} rows but the input has {batch}; use one cache per "
+                "batch (generate expands beams and return sequences before it builds the cache)."
+            )
+        lengths = self.internal_lengths
+        return lengths - lengths // self.block_size
+
+    def begin_chunk(self, lengths):
+        """Announce a pass through the stack adding `lengths` [batch] internal positions to each row."""
+        start = self.internal_lengths
+        most_blocks, longest_tail = (int(x.max()) for x in (start // self.block_size, start % self.block_size))
+        self.chunk = ChunkPositions(start, lengths, most_blocks, longest_tail)
+
+    def end_chunk(self):
+        self.internal_lengths = self.internal_lengths + self.chunk.length
+        self.chunk = None
+
+    def get_seq_length(self, layer_idx=0):
+        return self.seen_tokens
+
+    def get_mask_sizes(self, query_length, layer_idx=0):
+        raise NotImplementedError("landmark attention builds its own masks; the cache has no mask sizes.")
+
+    def reorder_cache(self, beam_idx):
+        super().reorder_cache(beam_idx)
+        if self.internal_lengths is not None:
+            self.internal_lengths = self.internal_lengths.index_select(0, beam_idx.to(self.internal_lengths.device))
+
+    def batch_select_indices(self, indices):
+        self.reorder_cache(indices)
+
+    def batch_repeat_interleave(self, repeats):
+        super().batch_repeat_interleave(repeats)
+        if self.internal_lengths is not None:
+            self.internal_lengths = self.internal_lengths.repeat_interleave(repeats)
+
+    def reset(self):
+        super().reset()
+        self.internal_lengths, self.seen_tokens, self.chunk = None, 0, None
+
+
+def check_cache_type(cache):
+    """The model can only continue from its own cache type."""
+    if cache is not None and not isinstance(cache, LandmarkRetrievalCache):
+        hint = " (generate builds the right cache by itself)" if isinstance(cache, DynamicCache) else ""
+        raise TypeError(
+            f"landmark-llama needs a LandmarkRetrievalCache, got {type(cache).__name__}: a plain KV cache cannot hold "
+            f"landmark blocks. Pass LandmarkRetrievalCache(model.config) or no cache{hint}."
+        )
+
+
+__all__ = [
+    "LandmarkRetrievalCache",
+    "LandmarkCacheLayer",
+    "RetrievalSettings",
+    "apply_rope",
+    "check_cache_type",
+    "default_chunk_length",
+    "top_blocks",
+]
