@@ -13,6 +13,10 @@
 #   tiny   the shipped model's recipe (train/recipes/tiny_stdlib.sh), landmark and stock baseline trained at once,
 #          then a pass key check of both on the GPU (20 prompts a length) -> OUT_DIR/tiny/, OUT_DIR/tiny.log,
 #          OUT_DIR/tiny-passkey/; recipe options in $TINY_OPTIONS                   (about 6 min on an H200)
+#   tiny_eval  the committed results of the shipped model: pass key (50 prompts a length, 512-32k; the baseline to
+#          4k) and held-out perplexity (512-32k, 131072 tokens) of $TINY_MODEL (default: the shipped model) against
+#          $TINY_BASELINE (default: OUT_DIR/tiny/tiny-stdlib-stock); data from $TINY_STDLIB (default: this Python's)
+#          -> OUT_DIR/passkey/, OUT_DIR/perplexity/, OUT_DIR/tiny_eval.log            (about 4 min on an H200)
 #
 # With the device tool (10 minutes a command), run `tests` in one call and `bench sweep` in another:
 #   bash benchmarks/gpu_check.sh $OUT tests
@@ -50,7 +54,14 @@ for step in $steps; do
                     --baseline "$out_dir/tiny/tiny-stdlib-stock" --baseline_lengths 512 1024 2048 4096 \
                     --lengths 512 2048 8192 32768 --trials 20 --batch_size 20 --output "$out_dir/tiny-passkey"; } \
                   2>&1 | tee "$out_dir/tiny.log" || status=1 ;;
-        *) echo "unknown step '$step' (tests, bench, sweep, tiny)"; status=2 ;;
+        tiny_eval) model=${TINY_MODEL:-models/tiny-stdlib-landmark} baseline=${TINY_BASELINE:-$out_dir/tiny/tiny-stdlib-stock}
+              { timeout 240 python -m landmark_llama.tools.passkey --model "$model" --baseline "$baseline" \
+                    --lengths 512 1024 2048 4096 8192 16384 32768 --baseline_lengths 512 1024 2048 4096 \
+                    --trials 50 --batch_size 50 --output "$out_dir/passkey" && \
+                timeout 240 python -m landmark_llama.tools.perplexity --model "$model" --baseline "$baseline" \
+                    ${TINY_STDLIB:+--stdlib "$TINY_STDLIB"} --tokens 131072 --output "$out_dir/perplexity"; } \
+                  2>&1 | tee "$out_dir/tiny_eval.log" || status=1 ;;
+        *) echo "unknown step '$step' (tests, bench, sweep, tiny, tiny_eval)"; status=2 ;;
     esac
 done
 exit $status
