@@ -162,14 +162,16 @@ def main(argv=None):
     parser.add_argument("--output", default="out/perplexity", help="folder for perplexity.json and .png")
     args = parser.parse_args(argv)
 
-    runs, described = {}, {}
+    runs, described, context_length = {}, {}, None
     for folder in filter(None, (args.model, args.baseline)):
         model, tokenizer = load_model(folder, args.device, getattr(torch, args.dtype))
-        context_length = getattr(model.config, "train_context_length", None) or model.config.max_position_embeddings
-        bad = [n for n in [*args.lengths, args.tokens] if n % context_length]
-        if bad or any(args.tokens % n for n in args.lengths):
-            parser.error(f"--lengths and --tokens must be multiples of the training context {context_length}, and "
-                         "--tokens of every length")
+        if context_length is None:  # the first model's training context decides which tokens every row scores
+            config = model.config
+            context_length = getattr(config, "train_context_length", None) or config.max_position_embeddings
+            lengths = [*args.lengths, args.tokens]
+            if any(n % context_length for n in lengths) or any(args.tokens % n for n in args.lengths):
+                parser.error(f"--lengths and --tokens must be multiples of the training context {context_length}, "
+                             "and --tokens of every length")
         for name in ("retrieval_top_k", "retrieval_granularity"):
             if getattr(args, name) is not None and hasattr(model.config, "landmark_token_id"):
                 setattr(model.config, name, getattr(args, name))

@@ -1,8 +1,9 @@
 """Block-retrieval KV cache of landmark-llama: the inference form of landmark attention (paper section 3.2).
 
 Each layer keeps the keys and values of its internal sequence (landmarks included) in blocks of `block_size`
-positions; the last block of a row is the incomplete tail. Keys are kept before RoPE, so a retrieved block can be
-rotated to whatever position the retrieval assigns it. For each chunk (or decoded token) a layer scores every
+positions; the last block of a row is the incomplete tail. Keys are kept rotated only by their offset in their block,
+so a retrieved block can be moved to whatever position the retrieval assigns it by one rotation, which is applied to
+the query instead of the keys. For each chunk (or decoded token) a layer scores every
 complete block of the cache by its landmark key, takes the `retrieval_top_k` best per head, and the chunk attends
 to [retrieved blocks | tail | chunk] with the grouped softmax of the training form (`modeling_landmark_llama`).
 
@@ -156,17 +157,37 @@ class ChunkPositions:
 
 @dataclass
 class RetrievedBlocks:
-    """Blocks selected for a chunk: keys (rotated to their assigned positions) and values, both
+    """Blocks selected for a chunk: keys (rotated by their offset in the block) and values, both
     [batch, q_heads, retrievers, k, block_size, head_dim] with one retriever per query token (`"token"`) or one per
-    chunk (`"chunk"`), and `valid` [batch, q_heads, retrievers, k] (rows with fewer than k complete blocks)."""
+    chunk (`"chunk"`); `valid` [batch, q_heads, retrievers, k] (rows with fewer than k complete blocks); `queries`
+    [batch, q_heads, width, k, head_dim], fp32, each query rotated back by the start each block is assigned:
+    <q at m, key at start + o> = <q rotated by m - start, key rotated by o>."""
 
     keys: torch.Tensor
     values: torch.Tensor
     valid: torch.Tensor
+    queries: torch.Tensor
+
+    def scores(self):
+        """Unscaled scores of each query against its k blocks, [batch, q_heads, width, k * block_size]."""
+        keys = self.keys.float()
+        if keys.shape[2] == 1:  # one selection for the whole chunk: one product per head and block
+            scores = torch.matmul(self.queries.transpose(2, 3), keys[:, :, 0].transpose(-1, -2)).transpose(2, 3)
+        else:
+            scores = torch.matmul(self.queries[..., None, :], keys.transpose(-1, -2)).squeeze(-2)
+        return scores.flatten(-2)
+
+    def mix(self, weights):
+        """The values weighted by `weights` [batch, q_heads, width, k * block_size] -> [batch, q_heads, width, dim]."""
+        values = self.values.flatten(-3, -2).float()
+        if values.shape[2] == 1:
+            return torch.matmul(weights, values[:, :, 0])
+        return torch.matmul(weights[..., None, :], values).squeeze(-2)
 
 
 class LandmarkCacheLayer(CacheLayerMixin):
-    """One layer's blocks. `keys`, `values`: [batch, capacity, kv_heads, block_size, head_dim], keys before RoPE;
+    """One layer's blocks. `keys`, `values`: [batch, capacity, kv_heads, block_size, head_dim], keys rotated by their
+    offset in the block only (so slot o of every block has the same rotation, whatever position the block takes);
     `landmarks`: [batch, capacity, kv_heads, head_dim], each block's landmark key rotated to its true position.
 
     Block i of a row is complete when i < start // block_size; block start // block_size holds the tail in its first
@@ -204,7 +225,8 @@ class LandmarkCacheLayer(CacheLayerMixin):
         """Write the chunk's keys and values [batch, kv_heads, width, head_dim] behind each row's tail.
 
         Returns the local part every query of the chunk attends to in full, [tail | chunk] laid out from the start of
-        the tail's block: keys (before RoPE) and values [batch, kv_heads, local_blocks * block_size, head_dim].
+        the tail's block: keys (rotated by their offset in the block) and values
+        [batch, kv_heads, local_blocks * block_size, head_dim]. `key_states` arrive unrotated.
         """
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
@@ -217,14 +239,15 @@ class LandmarkCacheLayer(CacheLayerMixin):
         rows = torch.arange(batch, device=self.device)[:, None]
         written = tail_block[:, None] + torch.arange(local_blocks, device=self.device)  # [batch, local_blocks]
         slots = (tail_length[:, None] + torch.arange(width, device=self.device))[:, None, :, None]
+        key_states = apply_rope(key_states, slots[..., 0] % block_size, inv_freq)
         local = []
         for store, states in ((self.keys, key_states), (self.values, value_states)):
             part = store[rows, written].permute(0, 2, 1, 3, 4).flatten(2, 3)  # [batch, kv_heads, positions, dim]
             part = part.scatter(2, slots.expand(batch, kv_heads, width, states.shape[-1]), states.to(store.dtype))
             store[rows, written] = part.unflatten(2, (local_blocks, block_size)).permute(0, 2, 1, 3, 4)
             local.append(part)
-        # landmark keys at their true positions, rotated once here rather than at every retrieval
-        landmark_positions = (written * block_size + block_size - 1)[:, None]  # [batch, 1, local_blocks]
+        # landmark keys at their true positions (their block's start on top of their offset), rotated once here
+        landmark_positions = (written * block_size)[:, None]  # [batch, 1, local_blocks]
         landmarks = apply_rope(local[0][:, :, block_size - 1 :: block_size], landmark_positions, inv_freq)
         self.landmarks[rows, written] = landmarks.transpose(1, 2)
         return local[0], local[1]
@@ -252,12 +275,13 @@ class LandmarkCacheLayer(CacheLayerMixin):
         landmarks = self.landmarks[:, :num_blocks].transpose(1, 2)[:, :, None].float()  # [batch, kv, 1, blocks, dim]
         scores = torch.matmul(grouped_query, landmarks.transpose(-1, -2))
         if stingy:  # the k most recent keep their true positions; older landmarks are all scored at the landmark
-            # slot of the window's first block, A: <q at p, landmark at A> = <q rotated back by A, unrotated landmark>
-            window_landmark = ((blocks - row_k) * block_size - 1)[:, None, None, None]
-            older_query = apply_rope(grouped_query, -window_landmark, inv_freq)
-            unrotated = self.keys[:, :num_blocks, :, block_size - 1].transpose(1, 2)[:, :, None].float()
+            # slot of the window's first block, which starts at W: <q at p, landmark at W + block_size - 1> =
+            # <q rotated back by W, landmark rotated by its offset alone>
+            window_start = ((blocks - row_k - 1) * block_size)[:, None, None, None]
+            older_query = apply_rope(grouped_query, -window_start, inv_freq)
+            in_block = self.keys[:, :num_blocks, :, block_size - 1].transpose(1, 2)[:, :, None].float()
             older = torch.arange(num_blocks, device=query.device) < (blocks - row_k)[:, None]
-            older_scores = torch.matmul(older_query, unrotated.transpose(-1, -2))
+            older_scores = torch.matmul(older_query, in_block.transpose(-1, -2))
             scores = torch.where(older[:, None, None, None], older_scores, scores)
         scores = scores.flatten(1, 2).mul_(scaling)  # [batch, q_heads, width, blocks]
         scores = scores.masked_fill_(~exists[:, None, None], float("-inf"))
@@ -273,22 +297,20 @@ class LandmarkCacheLayer(CacheLayerMixin):
 
         # 3. positions: the stingy window, older picks packed from its left, recent ones one block to the right
         if stingy:
-            window_start = ((blocks - row_k - 1) * block_size)[:, None, None, None]
             is_recent = selected >= row_blocks - row_k[:, None, None, None]
             slot = torch.arange(k, device=query.device) + is_recent.long()
             block_start = window_start + slot * block_size
         else:
             block_start = selected * block_size
 
-        # 4. gather the selected blocks of each query head's kv head; rotate keys by their offset in the block, then
-        # by the block's assigned start (two small rotations instead of one per key and position)
+        # 4. gather the selected blocks of each query head's kv head; the queries, not the gathered keys, take the
+        # rotation by each block's assigned start (k rotations a query instead of k * block_size)
         rows = torch.arange(batch, device=query.device)[:, None, None, None]
         kv_head = (torch.arange(q_heads, device=query.device) // group)[None, :, None, None]
         keys = self.keys[rows, selected, kv_head]  # [batch, q_heads, retrievers, k, block_size, dim]
         values = self.values[rows, selected, kv_head]
-        keys = apply_rope(keys, torch.arange(block_size, device=query.device), inv_freq)
-        keys = apply_rope(keys, block_start[..., None], inv_freq)
-        return RetrievedBlocks(keys, values, valid)
+        queries = apply_rope(query.float()[:, :, :, None], -block_start, inv_freq)  # [batch, q_heads, width, k, dim]
+        return RetrievedBlocks(keys, values, valid, queries)
 
     def get_seq_length(self):
         raise NotImplementedError("LandmarkRetrievalCache.get_seq_length counts input tokens for the whole cache.")

@@ -156,8 +156,10 @@ def landmark_retrieval_attention(query, key, value, cache, layer_idx, scaling):
     local_keys, local_values = layer.update(key, value, chunk, cache.inv_freq)
     local_length = local_keys.shape[2]
     tail_block_start = chunk.start - chunk.start % block_size
-    local_positions = tail_block_start[:, None] + torch.arange(local_length, device=query.device)
-    local_keys = apply_rope(local_keys, local_positions[:, None], cache.inv_freq)
+    # the cache keeps keys rotated by their offset in the block: the rotation by the block's start completes them
+    in_local = torch.arange(local_length, device=query.device)
+    block_starts = tail_block_start[:, None] + in_local - in_local % block_size
+    local_keys = apply_rope(local_keys, block_starts[:, None], cache.inv_freq)
 
     grouped_query = query.float().unflatten(1, (kv_heads, q_heads // kv_heads))
     local_scores = torch.matmul(grouped_query, local_keys.float()[:, :, None].transpose(-1, -2)).mul_(scaling)
@@ -170,9 +172,7 @@ def landmark_retrieval_attention(query, key, value, cache, layer_idx, scaling):
     if retrieved is None:
         scores = local_scores
     else:
-        retrieved_keys = retrieved.keys.flatten(-3, -2).float()  # [batch, q_heads, retrievers, k * block, dim]
-        retrieved_scores = torch.matmul(query.float()[..., None, :], retrieved_keys.transpose(-1, -2)).squeeze(-2)
-        retrieved_scores.mul_(scaling)
+        retrieved_scores = retrieved.scores().mul_(scaling)  # [batch, q_heads, width, k * block_size]
         _gate_blocks(retrieved_scores, retrieved.valid, block_size)
         is_landmark = torch.arange(block_size, device=query.device) == block_size - 1
         hidden = ~retrieved.valid[..., None] | is_landmark  # landmarks only gate; missing blocks are absent
@@ -183,9 +183,7 @@ def landmark_retrieval_attention(query, key, value, cache, layer_idx, scaling):
     local_weights = weights[..., -local_length:].unflatten(1, (kv_heads, -1))
     output = torch.matmul(local_weights, local_values.float()[:, :, None]).flatten(1, 2)
     if retrieved is not None:
-        retrieved_weights = weights[..., :-local_length].unsqueeze(-2)
-        retrieved_values = retrieved.values.flatten(-3, -2).float()
-        output = output + torch.matmul(retrieved_weights, retrieved_values).squeeze(-2)
+        output = output + retrieved.mix(weights[..., :-local_length])
     return output.to(value.dtype).transpose(1, 2)
 
 
