@@ -22,7 +22,7 @@ SHIPPED = passkey.SHIPPED_MODEL
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return AutoTokenizer.from_pretrained(SHIPPED)
+    return AutoTokenizer.from_pretrained(SHIPPED, trust_remote_code=True)
 
 
 @pytest.fixture(scope="module")

@@ -182,9 +182,9 @@ def main(argv=None):
     parser.add_argument("--baseline_lengths", type=int, nargs="+", default=None,
                         help="lengths for the baseline (default: --lengths)")
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
-    parser.add_argument("--trials", type=int, default=10, help="prompts at each length")
+    parser.add_argument("--trials", type=int, default=5, help="prompts at each length")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch_size", type=int, default=10, help="prompts generated together")
+    parser.add_argument("--batch_size", type=int, default=5, help="prompts generated together")
     parser.add_argument("--retrieval_top_k", type=int, default=None, help="blocks retrieved (landmark models)")
     parser.add_argument("--retrieval_granularity", choices=["token", "chunk"], default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -194,6 +194,10 @@ def main(argv=None):
     if args.trials < 1 or any(length < 1 for length in args.lengths):
         parser.error("--trials and --lengths must be positive")
 
+    if args.model == str(SHIPPED_MODEL) and not SHIPPED_MODEL.is_dir():
+        parser.error(f"the shipped model is not at {SHIPPED_MODEL}: it lives in the repository's models/ folder, "
+                     "which an install from a wheel leaves out. Install from a clone (pip install -e .) or pass "
+                     "--model.")
     dtype = getattr(torch, args.dtype)
     runs, settings = {}, {}
     for role, folder, lengths in (("model", args.model, args.lengths),
@@ -211,6 +215,10 @@ def main(argv=None):
         print(f"{role}: {label}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
               f"trained on {getattr(model.config, 'train_context_length', '?')} tokens")
         runs[label] = evaluate(model, tokenizer, lengths, args.trials, args.seed, args.batch_size, **knobs)
+        longest = runs[label][max(lengths)]
+        example = longest["answers"][0]
+        print(f"e.g. at {max(lengths)} tokens, key {example['key']} at depth {example['depth']:.2f}: "
+              f"...{QUESTION!r} -> {example['answer']!r} ({'right' if example['correct'] else 'wrong'})")
         del model
 
     output = Path(args.output)

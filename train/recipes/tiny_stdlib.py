@@ -47,6 +47,7 @@ from landmark_llama.train.data import collate_windows, pack_documents
 
 logger = logging.getLogger(__name__)
 HELD_OUT_BELOW = 13  # of 256: the first sha256 byte of a held-out file's path
+LONGEST_PROMPT = 2**20
 
 
 def stdlib_files(root=None):
@@ -221,6 +222,10 @@ def main(argv=None):
     seconds = time.monotonic() - start
 
     model = trainer.model.to(torch.bfloat16)
+    if args.attention == "landmark":
+        # generate caps a call without max_new_tokens at max_position_embeddings; the retrieval cache keeps every
+        # position inside the training window, so the cap would only cut long prompts short
+        model.config.max_position_embeddings = LONGEST_PROMPT
     model.save_pretrained(args.output)
     tokenizer.save_pretrained(args.output)
     record = dict(
@@ -231,6 +236,7 @@ def main(argv=None):
         parameters=sum(p.numel() for p in model.parameters()), train_files=len(train_texts),
         held_out_files=len(held_out), code_windows=len(code_windows), passkey_windows=dataset.passkey_count,
         device=torch.cuda.get_device_name() if torch.cuda.is_available() and not args.cpu else "cpu",
+        stdlib=str(args.stdlib or sysconfig.get_paths()["stdlib"]),
         torch=torch.__version__, python_stdlib=sysconfig.get_python_version(), arguments=vars(args),
         log=trainer.state.log_history,
     )
