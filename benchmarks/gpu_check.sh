@@ -10,6 +10,8 @@
 #          -> OUT_DIR/bench/attention.{md,json,png}, OUT_DIR/bench.log             (about 4 min)
 #   sweep  benchmarks/tile_sweep.py at 8k: every tile config of each kernel on its own
 #          -> OUT_DIR/sweep/tile_sweep.json, OUT_DIR/sweep.log                      (about 1.5 min)
+#   train  benchmarks/train_step.py: a training step of the Llama 3.2 1B shape, stock Llama (SDPA) against
+#          landmark-llama at block 64 and 51, at 16x512, 4x2k, 1x8k -> OUT_DIR/train/, OUT_DIR/train.log (about 3 min)
 #   tiny   the shipped model's recipe (train/recipes/tiny_stdlib.sh), landmark and stock baseline trained at once,
 #          then a pass key check of both on the GPU (20 prompts a length) -> OUT_DIR/tiny/, OUT_DIR/tiny.log,
 #          OUT_DIR/tiny-passkey/; recipe options in $TINY_OPTIONS                   (about 6 min on an H200)
@@ -49,6 +51,8 @@ for step in $steps; do
                    || status=1 ;;
         sweep) timeout 240 python benchmarks/tile_sweep.py --out "$out_dir/sweep" --n 8192 2>&1 \
                    | tee "$out_dir/sweep.log" || status=1 ;;
+        train) timeout 420 python benchmarks/train_step.py --out "$out_dir/train" 2>&1 | tee "$out_dir/train.log" \
+                   || status=1 ;;
         tiny) { timeout 480 bash train/recipes/tiny_stdlib.sh "$out_dir/tiny" --time_limit 400 ${TINY_OPTIONS:-} && \
                 timeout 100 python -m landmark_llama.tools.passkey --model "$out_dir/tiny/tiny-stdlib-landmark" \
                     --baseline "$out_dir/tiny/tiny-stdlib-stock" --baseline_lengths 512 1024 2048 4096 \
@@ -61,7 +65,7 @@ for step in $steps; do
                 timeout 240 python -m landmark_llama.tools.perplexity --model "$model" --baseline "$baseline" \
                     ${TINY_STDLIB:+--stdlib "$TINY_STDLIB"} --tokens 131072 --output "$out_dir/perplexity"; } \
                   2>&1 | tee "$out_dir/tiny_eval.log" || status=1 ;;
-        *) echo "unknown step '$step' (tests, bench, sweep, tiny, tiny_eval)"; status=2 ;;
+        *) echo "unknown step '$step' (tests, bench, sweep, train, tiny, tiny_eval)"; status=2 ;;
     esac
 done
 exit $status

@@ -29,12 +29,13 @@ KERNELS = {
     "dkdv": (lk._landmark_bwd_dkdv_kernel, lk._DKDV_CONFIGS),
     "dq": (lk._landmark_bwd_dq_kernel, lk._DQ_CONFIGS),
 }
-# (dtype, head_dim, block_size, q_heads, kv_heads, every config?)
+# (dtype, head_dim, block_size (the slot), block_tokens, q_heads, kv_heads, every config?)
 # (fp32 is left out: its IEEE dots unroll into scalar FMA loops that take minutes to compile)
 CASES = [
-    ("bf16", 128, 64, 32, 32, True),
-    ("fp16", 80, 128, 8, 2, False),
-    ("bf16", 64, 16, 32, 8, False),
+    ("bf16", 128, 64, 64, 32, 32, True),
+    ("fp16", 80, 128, 128, 8, 2, False),
+    ("bf16", 64, 16, 16, 32, 8, False),
+    ("bf16", 128, 64, 51, 32, 8, False),  # the paper's block 51 in slots of 64
 ]
 
 
@@ -55,6 +56,7 @@ def compile_one(fn, dtype, head_dim, block_size, constants, num_warps, num_stage
             signature[name] = "constexpr"
     d_pad = max(16, triton.next_power_of_2(head_dim))
     constants = dict(constants, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size, UPCAST_DOT=False,
+                     BLOCK_TOKENS=constants.get("BLOCK_TOKENS", block_size),
                      DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
     constants = {name: value for name, value in constants.items() if name in fn.arg_names}
     source = ASTSource(fn, signature, constants, attrs)
@@ -62,25 +64,26 @@ def compile_one(fn, dtype, head_dim, block_size, constants, num_warps, num_stage
                           options=dict(num_warps=num_warps, num_stages=num_stages, **lk.COMPILE_OPTIONS))
 
 
-def report(kernel, dtype, head_dim, block_size, config, compiled):
-    print(json.dumps(dict(kernel=kernel, dtype=dtype, head_dim=head_dim, block_size=block_size, config=config,
+def report(kernel, dtype, head_dim, block_size, block_tokens, config, compiled):
+    print(json.dumps(dict(kernel=kernel, dtype=dtype, head_dim=head_dim, block_size=block_size,
+                          block_tokens=block_tokens, config=config,
                           cubin_bytes=len(compiled.asm["cubin"]), fma=compiled.asm["ptx"].count("fma.rn.f32"),
                           shared=compiled.metadata.shared)), flush=True)
 
 
 def main():
     assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTERPRET=1"
-    for dtype, head_dim, block_size, q_heads, kv_heads, every_config in CASES:
-        heads = dict(Q_HEADS=q_heads, KV_HEADS=kv_heads, KV_GROUP=q_heads // kv_heads)
+    for dtype, head_dim, block_size, block_tokens, q_heads, kv_heads, every_config in CASES:
+        heads = dict(Q_HEADS=q_heads, KV_HEADS=kv_heads, KV_GROUP=q_heads // kv_heads, BLOCK_TOKENS=block_tokens)
         for name, (fn, configs) in KERNELS.items():
             valid = lk._prune(configs, {}, BLOCK_SIZE=block_size)
             for cfg in valid if every_config else valid[:1]:
                 compiled = compile_one(fn, dtype, head_dim, block_size, dict(heads, **cfg.kwargs), cfg.num_warps,
                                        cfg.num_stages)
-                report(name, dtype, head_dim, block_size, str(cfg), compiled)
+                report(name, dtype, head_dim, block_size, block_tokens, str(cfg), compiled)
         compiled = compile_one(lk._landmark_bwd_preprocess_kernel, dtype, head_dim, block_size,
                                dict(Q_HEADS=q_heads, BLOCK_M=64), 4, 2)
-        report("preprocess", dtype, head_dim, block_size, "BLOCK_M: 64", compiled)
+        report("preprocess", dtype, head_dim, block_size, block_tokens, "BLOCK_M: 64", compiled)
 
 
 if __name__ == "__main__":

@@ -22,13 +22,16 @@ def test_every_config_compiles_for_sm90():
         assert row["cubin_bytes"] > 0, row
         # the exp2 arguments are multiply-adds: COMPILE_OPTIONS keeps them fused into FMAs
         assert row["fma"] > 0, row
-    cases = {(r["dtype"], r["head_dim"], r["block_size"]) for r in rows}
-    assert len(cases) == 3
+
+    def case_of(row):
+        return row["dtype"], row["head_dim"], row["block_size"], row["block_tokens"]
+
+    cases = {case_of(r) for r in rows}
+    assert len(cases) == 4 and ("bf16", 128, 64, 51) in cases  # the last: phantom slots (block 51 in 64)
     for case in cases:
-        assert {r["kernel"] for r in rows if (r["dtype"], r["head_dim"], r["block_size"]) == case} == {
+        assert {r["kernel"] for r in rows if case_of(r) == case} == {
             "fwd", "dkdv", "dq", "preprocess"}
     for name, configs in (("fwd", kernel_module._FWD_CONFIGS), ("dkdv", kernel_module._DKDV_CONFIGS),
                           ("dq", kernel_module._DQ_CONFIGS)):
-        full = [r for r in rows if r["kernel"] == name and (r["dtype"], r["head_dim"], r["block_size"]) ==
-                ("bf16", 128, 64)]
+        full = [r for r in rows if r["kernel"] == name and case_of(r) == ("bf16", 128, 64, 64)]
         assert len(full) == len(kernel_module._prune(configs, {}, BLOCK_SIZE=64)), name

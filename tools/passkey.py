@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from landmark_llama.tools.report import length_plot, markdown_table
+
 
 SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "models" / "tiny-stdlib-landmark"
 TASK = (
@@ -142,39 +144,6 @@ def evaluate(model, tokenizer, lengths, trials, seed=0, batch_size=8, progress=T
     return results
 
 
-def plot(runs, path, title):
-    """Accuracy against prompt length (log x), one line a model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(6, 3.6))
-    for label, results in runs.items():
-        lengths = sorted(results)
-        axes.plot(lengths, [100 * results[n]["accuracy"] for n in lengths], marker="o", label=label)
-    axes.set_xscale("log", base=2)
-    axes.set_xlabel("prompt length (tokens)")
-    axes.set_ylabel("pass key accuracy (%)")
-    axes.set_ylim(-3, 103)
-    axes.set_title(title)
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-
-
-def table(runs):
-    lengths = sorted({length for results in runs.values() for length in results})
-    lines = ["| model | " + " | ".join(str(n) for n in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]
-    for label, results in runs.items():
-        cells = [f"{100 * results[n]['accuracy']:.0f}% ({results[n]['trials']})" if n in results else "-"
-                 for n in lengths]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(SHIPPED_MODEL), help="model folder (default: the shipped model)")
@@ -226,8 +195,9 @@ def main(argv=None):
     record = dict(command=vars(args), settings=settings, torch=torch.__version__,
                   results={label: {str(n): r for n, r in results.items()} for label, results in runs.items()})
     (output / "passkey.json").write_text(json.dumps(record, indent=1) + "\n")
-    plot(runs, output / "passkey.png", f"pass key retrieval, {args.trials} prompts a length")
-    print(table(runs))
+    length_plot(runs, output / "passkey.png", f"pass key retrieval, {args.trials} prompts a length",
+                "prompt length (tokens)", "pass key accuracy (%)", value=lambda r: 100 * r["accuracy"], ylim=(-3, 103))
+    print(markdown_table(runs, lambda r: f"{100 * r['accuracy']:.0f}% ({r['trials']})"))
     print(f"wrote {output / 'passkey.json'} and {output / 'passkey.png'}")
 
 

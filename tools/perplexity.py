@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from landmark_llama.tools.passkey import SHIPPED_MODEL, load_model
+from landmark_llama.tools.report import length_plot, markdown_table
 
 
 def held_out_texts(stdlib=None):
@@ -114,37 +115,6 @@ def evaluate(model, stream, lengths, context_length, piece=2048, tokens_per_call
     return results
 
 
-def plot(runs, path, title, context_length):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(6, 3.6))
-    for label, results in runs.items():
-        lengths = sorted(results)
-        axes.plot(lengths, [results[n] for n in lengths], marker="o", label=label)
-    axes.axvline(context_length, color="grey", linestyle=":", label="training context")
-    axes.set_xscale("log", base=2)
-    axes.set_yscale("log")
-    axes.set_xlabel("context length (tokens)")
-    axes.set_ylabel("held-out perplexity")
-    axes.set_title(title)
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-
-
-def table(runs):
-    lengths = sorted({length for results in runs.values() for length in results})
-    lines = ["| model | " + " | ".join(str(n) for n in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]
-    for label, results in runs.items():
-        lines.append(f"| {label} | " + " | ".join(f"{results[n]:.3f}" for n in lengths) + " |")
-    return "\n".join(lines)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(SHIPPED_MODEL), help="model folder (default: the shipped model)")
@@ -193,8 +163,10 @@ def main(argv=None):
     record = dict(command=vars(args), models=described, torch=torch.__version__,
                   results={label: {str(n): value for n, value in results.items()} for label, results in runs.items()})
     (output / "perplexity.json").write_text(json.dumps(record, indent=1) + "\n")
-    plot(runs, output / "perplexity.png", f"held-out perplexity, {args.tokens} tokens scored", context_length)
-    print(table(runs))
+    length_plot(runs, output / "perplexity.png", f"held-out perplexity, {args.tokens} tokens scored",
+                "context length (tokens)", "held-out perplexity", log_y=True, marker_x=context_length,
+                marker_label="training context")
+    print(markdown_table(runs, lambda value: f"{value:.3f}"))
     print(f"wrote {output / 'perplexity.json'} and {output / 'perplexity.png'}")
 
 

@@ -47,14 +47,17 @@ causality hides the padding from every real token.
 Supported: fp16, bf16 (fast path, fp32 scores and softmax statistics, fp32 accumulation) and fp32
 (IEEE fp32 dots, no tf32: slow, for checking); head_dim from 1 to 128 (non-powers of two are padded to
 the next power of two in registers and masked on load/store: head_dim 80 and 96 cost as much as 128);
-block_size a power of two from 2 to 128; any n_q <= n_k (incomplete last block, history not ending on a
-block boundary). Lengths are not specialised on (no recompilation when only lengths change); the
-autotuner keys on head_dim, block_size, the GQA group and the dtypes, never on lengths, and keeps the
-choice made on the first shape it sees (LANDMARK_ATTN_AUTOTUNE=0 takes the first valid config of each
-list instead, e.g. in tests). GPUs: written and tuned on an H100 (sm_90), run there with triton 3.6; every
-config is compiled for sm_90 by the CPU tests (tests/compile_kernels.py) with whatever Triton is installed (3.6
-and 3.9 checked); other NVIDIA GPUs that Triton supports are untested. Also runs on the
-CPU under TRITON_INTERPRET=1 (slow; for the tests).
+any block_size from 2 to 128; any n_q <= n_k (incomplete last block, history not ending on a block
+boundary). A block size that is no power of two (the paper's 51) runs with each block in a slot of the
+next power of two: its regular tokens first, its landmark last, phantom positions between, which the
+kernels mask out like landmarks (BLOCK_TOKENS real positions in a slot of BLOCK_SIZE). The public function
+lays the tensors out so and back: 64/51 = 1.25x the positions for block 51. Lengths are not specialised
+on (no recompilation when only lengths change); the autotuner keys on head_dim, block_size, the GQA
+group and the dtypes, never on lengths, and keeps the choice made on the first shape it sees
+(LANDMARK_ATTN_AUTOTUNE=0 takes the first valid config of each list instead, e.g. in tests). GPUs:
+written and tuned on an H100 (sm_90), run there with triton 3.6; every config is compiled for sm_90 by the
+CPU tests (tests/compile_kernels.py) with whatever Triton is installed (3.6 and 3.9 checked); other NVIDIA
+GPUs that Triton supports are untested. Also runs on the CPU under TRITON_INTERPRET=1 (slow; for the tests).
 
 Speed (H100 SXM, bf16, batch 1, 32 heads of 128, block_size 64; benchmarks/results/attention_h100.md):
 forward 400-455 TFLOP/s at 8k-32k tokens (torch SDPA flash 310-350, cuDNN 550-610); forward+backward
@@ -185,13 +188,14 @@ def _query_tile(q, k, v, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, 
 
 
 @triton.jit
-def _diagonal_masks(b_s3, o_pos, i_n, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _diagonal_masks(b_s3, o_pos, i_n, BLOCK_SIZE: tl.constexpr, BLOCK_TOKENS: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
     """Block structure of a tile that may hold the queries' own blocks or lie past them (the diagonal).
 
     b_s3: [BLOCK_M, NG, BLOCK_SIZE] scores seen block by block; o_pos: [BLOCK_M] query positions; i_n: first key
     position of the tile. Returns [BLOCK_M, NG] masks of the blocks earlier than each query's block (gated) and
-    of its own block (local), and the scores of the visible regular keys (-inf for landmarks, the future and
-    other blocks).
+    of its own block (local), and the scores of the visible regular keys (-inf for landmarks, phantom slots, the
+    future and other blocks).
     """
     NG: tl.constexpr = BLOCK_N // BLOCK_SIZE
     o_t = tl.arange(0, BLOCK_SIZE)
@@ -202,7 +206,7 @@ def _diagonal_masks(b_s3, o_pos, i_n, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.cons
     # [NG, BLOCK_SIZE] key positions
     o_k3 = i_n + tl.arange(0, NG)[:, None] * BLOCK_SIZE + o_t[None, :]
     m_reg = (m_early[:, :, None] | (m_own[:, :, None] & (o_k3[None, :, :] <= o_pos[:, None, None])))
-    m_reg = m_reg & (o_t != BLOCK_SIZE - 1)[None, None, :]
+    m_reg = m_reg & (o_t < BLOCK_TOKENS - 1)[None, None, :]
     return m_early, m_own, tl.where(m_reg, b_s3, float("-inf"))
 
 
@@ -219,7 +223,7 @@ def _key_tile(b_q, p_k, p_v, i_n, n_k, stride_kn, stride_vn, MASKED: tl.constexp
 
 @triton.jit
 def _fwd_weights(b_s, qk_scale, b_m, o_pos, i_n, MASKED: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 BLOCK_TOKENS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Unnormalised weights of one score tile for the online softmax.
 
     b_s: [BLOCK_M, BLOCK_N] raw products q.k (times qk_scale = sm_scale * log2(e) they are the scores in log2
@@ -231,14 +235,16 @@ def _fwd_weights(b_s, qk_scale, b_m, o_pos, i_n, MASKED: tl.constexpr, BLOCK_SIZ
     """
     NG: tl.constexpr = BLOCK_N // BLOCK_SIZE
     o_t = tl.arange(0, BLOCK_SIZE)
-    # [1, 1, BLOCK_SIZE]: the last column of each block is its landmark
+    # [1, 1, BLOCK_SIZE]: the last column of each block is its landmark, the first BLOCK_TOKENS - 1 its regular
+    # keys; the columns between are phantom slots (block sizes that are no power of two), never attended to
     m_lm = (o_t == BLOCK_SIZE - 1)[None, None, :]
+    m_key = (o_t < BLOCK_TOKENS - 1)[None, None, :]
     # [BLOCK_M, NG, BLOCK_SIZE]: the tile seen block by block (a view, no data movement on the GPU)
     b_s3 = tl.reshape(b_s, [BLOCK_M, NG, BLOCK_SIZE])
     # [BLOCK_M, NG] landmark logit (gate) of each block
     b_g = tl.max(tl.where(m_lm, b_s3, float("-inf")), 2) * qk_scale
     if MASKED:
-        m_early, m_own, b_sr = _diagonal_masks(b_s3, o_pos, i_n, BLOCK_SIZE, BLOCK_M, BLOCK_N)
+        m_early, m_own, b_sr = _diagonal_masks(b_s3, o_pos, i_n, BLOCK_SIZE, BLOCK_TOKENS, BLOCK_M, BLOCK_N)
         # [BLOCK_M, NG] per-block maximum over visible regular keys
         b_gm = tl.max(b_sr, 2) * qk_scale
         # largest exponent a block contributes: its gate (earlier) or its maximum (own)
@@ -252,7 +258,7 @@ def _fwd_weights(b_s, qk_scale, b_m, o_pos, i_n, MASKED: tl.constexpr, BLOCK_SIZ
         b_r = tl.where(m_early, tl.exp2(b_g - b_m_safe[:, None]) / tl.maximum(b_z, 1.0),
                        tl.where(m_own, tl.exp2(b_gm - b_m_safe[:, None]), 0.0))
     else:
-        b_sr = tl.where(m_lm, float("-inf"), b_s3)
+        b_sr = tl.where(m_key, b_s3, float("-inf"))
         b_gm = tl.max(b_sr, 2) * qk_scale
         b_m_new = tl.maximum(b_m, tl.max(b_g, 1))
         b_e3 = tl.exp2(b_sr * qk_scale - b_gm[:, :, None])
@@ -266,13 +272,14 @@ def _fwd_weights(b_s, qk_scale, b_m, o_pos, i_n, MASKED: tl.constexpr, BLOCK_SIZ
 
 @triton.jit
 def _fwd_step(b_acc, b_m, b_l, b_q, p_k, p_v, i_n, n_k, stride_kn, stride_vn, qk_scale, o_pos, MASKED: tl.constexpr,
-              HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-              UPCAST_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_TOKENS: tl.constexpr,
+              DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One key tile of the online softmax: returns the updated accumulator, running maximum and running sum."""
     # raw q.k products, scaled inside _fwd_weights
     b_k, b_v, b_s = _key_tile(b_q, p_k, p_v, i_n, n_k, stride_kn, stride_vn, MASKED, HEAD_DIM, D_PAD, DOT_PRECISION,
                               UPCAST_DOT, BLOCK_N)
-    b_p, b_m_new, b_l_new = _fwd_weights(b_s, qk_scale, b_m, o_pos, i_n, MASKED, BLOCK_SIZE, BLOCK_M, BLOCK_N)
+    b_p, b_m_new, b_l_new = _fwd_weights(b_s, qk_scale, b_m, o_pos, i_n, MASKED, BLOCK_SIZE, BLOCK_TOKENS, BLOCK_M,
+                                         BLOCK_N)
     if MASKED:
         # a row that has seen no visible key yet keeps its empty state
         b_alpha = tl.where(b_m_new == float("-inf"), 1.0, tl.exp2(b_m - b_m_new))
@@ -291,8 +298,8 @@ def _landmark_fwd_kernel(
     stride_ob, stride_oh, stride_on,
     n_q, n_k, qk_scale,
     Q_HEADS: tl.constexpr, KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_TOKENS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     i_bh, i_b, i_h, o_i, o_pos, n_lo, n_hi, p_k, p_v, b_q = _query_tile(
         q, k, v, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_vb, stride_vh, n_q, n_k, Q_HEADS,
@@ -302,10 +309,12 @@ def _landmark_fwd_kernel(
     b_acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     for i_n in range(0, n_lo, BLOCK_N):
         b_acc, b_m, b_l = _fwd_step(b_acc, b_m, b_l, b_q, p_k, p_v, i_n, n_k, stride_kn, stride_vn, qk_scale, o_pos,
-                                    False, HEAD_DIM, D_PAD, BLOCK_SIZE, DOT_PRECISION, UPCAST_DOT, BLOCK_M, BLOCK_N)
+                                    False, HEAD_DIM, D_PAD, BLOCK_SIZE, BLOCK_TOKENS, DOT_PRECISION, UPCAST_DOT,
+                                    BLOCK_M, BLOCK_N)
     for i_n in range(n_lo, n_hi, BLOCK_N):
         b_acc, b_m, b_l = _fwd_step(b_acc, b_m, b_l, b_q, p_k, p_v, i_n, n_k, stride_kn, stride_vn, qk_scale, o_pos,
-                                    True, HEAD_DIM, D_PAD, BLOCK_SIZE, DOT_PRECISION, UPCAST_DOT, BLOCK_M, BLOCK_N)
+                                    True, HEAD_DIM, D_PAD, BLOCK_SIZE, BLOCK_TOKENS, DOT_PRECISION, UPCAST_DOT,
+                                    BLOCK_M, BLOCK_N)
     # epilogue: normalise, store the output and the log2-sum-exp of the rows
     _store_tile(_head(o, i_b, i_h, stride_ob, stride_oh), o_i, n_q, stride_on, b_acc / b_l[:, None], HEAD_DIM, D_PAD)
     tl.store(lse + i_bh.to(tl.int64) * n_q + o_i, b_m + tl.log2(b_l), mask=o_i < n_q)
@@ -331,7 +340,7 @@ def _landmark_bwd_preprocess_kernel(
 
 @triton.jit
 def _bwd_weights(b_s, qk_scale, b_dp, b_lse, b_delta, o_pos, i_n, MASKED: tl.constexpr,
-                 BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 BLOCK_SIZE: tl.constexpr, BLOCK_TOKENS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Weights w and score gradients ds of one [BLOCK_M, BLOCK_N] tile (queries x keys), for dK/dV and dQ.
 
     b_s: raw products q.k (scaled by qk_scale as in `_fwd_weights`); b_dp: dO v^T; b_lse: [BLOCK_M] row
@@ -340,6 +349,7 @@ def _bwd_weights(b_s, qk_scale, b_dp, b_lse, b_delta, o_pos, i_n, MASKED: tl.con
     NG: tl.constexpr = BLOCK_N // BLOCK_SIZE
     o_t = tl.arange(0, BLOCK_SIZE)
     m_lm = (o_t == BLOCK_SIZE - 1)[None, None, :]
+    m_key = (o_t < BLOCK_TOKENS - 1)[None, None, :]
     # [BLOCK_M, NG, BLOCK_SIZE]
     b_s3 = tl.reshape(b_s, [BLOCK_M, NG, BLOCK_SIZE])
     b_dp3 = tl.reshape(b_dp, [BLOCK_M, NG, BLOCK_SIZE])
@@ -347,7 +357,7 @@ def _bwd_weights(b_s, qk_scale, b_dp, b_lse, b_delta, o_pos, i_n, MASKED: tl.con
     b_g = tl.max(tl.where(m_lm, b_s3, float("-inf")), 2) * qk_scale
     b_gate = tl.exp2(b_g - b_lse[:, None])
     if MASKED:
-        m_early, m_own, b_sr = _diagonal_masks(b_s3, o_pos, i_n, BLOCK_SIZE, BLOCK_M, BLOCK_N)
+        m_early, m_own, b_sr = _diagonal_masks(b_s3, o_pos, i_n, BLOCK_SIZE, BLOCK_TOKENS, BLOCK_M, BLOCK_N)
         b_gm = tl.max(b_sr, 2) * qk_scale
         b_gm = tl.where(b_gm == float("-inf"), 0.0, b_gm)
         b_e3 = tl.exp2(b_sr * qk_scale - b_gm[:, :, None])
@@ -358,7 +368,7 @@ def _bwd_weights(b_s, qk_scale, b_dp, b_lse, b_delta, o_pos, i_n, MASKED: tl.con
         b_base = tl.where(m_early, b_pbar, b_delta[:, None])
         b_dlm = tl.where(m_early, b_gate * (b_pbar - b_delta[:, None]), 0.0)
     else:
-        b_sr = tl.where(m_lm, float("-inf"), b_s3)
+        b_sr = tl.where(m_key, b_s3, float("-inf"))
         b_gm = tl.max(b_sr, 2) * qk_scale
         b_e3 = tl.exp2(b_sr * qk_scale - b_gm[:, :, None])
         b_z = tl.sum(b_e3, 2)
@@ -374,8 +384,8 @@ def _bwd_weights(b_s, qk_scale, b_dp, b_lse, b_delta, o_pos, i_n, MASKED: tl.con
 @triton.jit
 def _dkdv_step(b_dkt, b_dvt, b_kt, b_vt, p_q, p_do, p_lse, p_delta, i_m, i_n, n_q, n_off, qk_scale, stride_qn,
                stride_don, MASKED: tl.constexpr, MASK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-               BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr):
+               BLOCK_SIZE: tl.constexpr, BLOCK_TOKENS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               UPCAST_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One query tile's contribution to the (transposed) dK/dV accumulators of a key tile. The score tile is
     [BLOCK_M, BLOCK_N] (queries x keys), so the per-block reductions run along a row, inside one warp; the
     products are taken as dV^T += dO^T w and dK^T += q^T ds, so that w and ds enter the tensor cores as the
@@ -389,8 +399,8 @@ def _dkdv_step(b_dkt, b_dvt, b_kt, b_vt, p_q, p_do, p_lse, p_delta, i_m, i_n, n_
     # [BLOCK_M, BLOCK_N]
     b_s = _dot(b_q, b_kt, DOT_PRECISION, UPCAST_DOT)
     b_dp = _dot(b_do, b_vt, DOT_PRECISION, UPCAST_DOT)
-    b_w, b_ds = _bwd_weights(b_s, qk_scale, b_dp, b_lse, b_delta, n_off + o_i, i_n, MASKED, BLOCK_SIZE, BLOCK_M,
-                             BLOCK_N)
+    b_w, b_ds = _bwd_weights(b_s, qk_scale, b_dp, b_lse, b_delta, n_off + o_i, i_n, MASKED, BLOCK_SIZE,
+                             BLOCK_TOKENS, BLOCK_M, BLOCK_N)
     # [D_PAD, BLOCK_N]
     b_dvt += _dot(tl.trans(b_do), b_w.to(b_do.dtype), DOT_PRECISION, UPCAST_DOT)
     b_dkt += _dot(tl.trans(b_q), b_ds.to(b_q.dtype), DOT_PRECISION, UPCAST_DOT)
@@ -408,8 +418,8 @@ def _landmark_bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvn,
     n_q, n_k, qk_scale, sm_scale,
     KV_HEADS: tl.constexpr, KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_TOKENS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     i_bh, i_n_tile = tl.program_id(0), tl.program_id(1)
     i_b, i_hk = i_bh // KV_HEADS, i_bh % KV_HEADS
@@ -442,16 +452,16 @@ def _landmark_bwd_dkdv_kernel(
         for i_m in range(i_lo, i_mid, BLOCK_M):
             b_dkt, b_dvt = _dkdv_step(b_dkt, b_dvt, b_kt, b_vt, p_q, p_do, p_lse, p_delta, i_m, i_n, n_q, n_off,
                                       qk_scale, stride_qn, stride_don, True, True, HEAD_DIM, D_PAD, BLOCK_SIZE,
-                                      DOT_PRECISION, UPCAST_DOT, BLOCK_M, BLOCK_N)
+                                      BLOCK_TOKENS, DOT_PRECISION, UPCAST_DOT, BLOCK_M, BLOCK_N)
         for i_m in range(i_mid, i_full, BLOCK_M):
             b_dkt, b_dvt = _dkdv_step(b_dkt, b_dvt, b_kt, b_vt, p_q, p_do, p_lse, p_delta, i_m, i_n, n_q, n_off,
                                       qk_scale, stride_qn, stride_don, False, False, HEAD_DIM, D_PAD, BLOCK_SIZE,
-                                      DOT_PRECISION, UPCAST_DOT, BLOCK_M, BLOCK_N)
+                                      BLOCK_TOKENS, DOT_PRECISION, UPCAST_DOT, BLOCK_M, BLOCK_N)
         # the last, partial query tile (if it is not on the diagonal)
         for i_m in range(tl.maximum(i_full, i_mid), n_q, BLOCK_M):
             b_dkt, b_dvt = _dkdv_step(b_dkt, b_dvt, b_kt, b_vt, p_q, p_do, p_lse, p_delta, i_m, i_n, n_q, n_off,
                                       qk_scale, stride_qn, stride_don, False, True, HEAD_DIM, D_PAD, BLOCK_SIZE,
-                                      DOT_PRECISION, UPCAST_DOT, BLOCK_M, BLOCK_N)
+                                      BLOCK_TOKENS, DOT_PRECISION, UPCAST_DOT, BLOCK_M, BLOCK_N)
 
     # [BLOCK_N, D_PAD]
     _store_tile(_head(dk, i_b, i_hk, stride_dkb, stride_dkh), o_k, n_k, stride_dkn, tl.trans(b_dkt * sm_scale),
@@ -462,13 +472,15 @@ def _landmark_bwd_dkdv_kernel(
 @triton.jit
 def _dq_step(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, i_n, n_k, stride_kn, stride_vn, qk_scale, o_pos,
              MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-             DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+             BLOCK_TOKENS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
+             BLOCK_N: tl.constexpr):
     """One key tile's contribution to the (unscaled) dQ accumulator of a query tile."""
     b_k, b_v, b_s = _key_tile(b_q, p_k, p_v, i_n, n_k, stride_kn, stride_vn, MASKED, HEAD_DIM, D_PAD, DOT_PRECISION,
                               UPCAST_DOT, BLOCK_N)
     # [BLOCK_M, BLOCK_N]
     b_dp = _dot(b_do, tl.trans(b_v), DOT_PRECISION, UPCAST_DOT)
-    _, b_ds = _bwd_weights(b_s, qk_scale, b_dp, b_lse, b_delta, o_pos, i_n, MASKED, BLOCK_SIZE, BLOCK_M, BLOCK_N)
+    _, b_ds = _bwd_weights(b_s, qk_scale, b_dp, b_lse, b_delta, o_pos, i_n, MASKED, BLOCK_SIZE, BLOCK_TOKENS, BLOCK_M,
+                           BLOCK_N)
     return b_dq + _dot(b_ds.to(b_k.dtype), b_k, DOT_PRECISION, UPCAST_DOT)
 
 
@@ -482,8 +494,8 @@ def _landmark_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqn,
     n_q, n_k, qk_scale, sm_scale,
     Q_HEADS: tl.constexpr, KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_TOKENS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     i_bh, i_b, i_h, o_i, o_pos, n_lo, n_hi, p_k, p_v, b_q = _query_tile(
         q, k, v, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_vb, stride_vh, n_q, n_k, Q_HEADS,
@@ -494,10 +506,10 @@ def _landmark_bwd_dq_kernel(
     b_dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     for i_n in range(0, n_lo, BLOCK_N):
         b_dq = _dq_step(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, i_n, n_k, stride_kn, stride_vn, qk_scale, o_pos,
-                        False, HEAD_DIM, D_PAD, BLOCK_SIZE, DOT_PRECISION, UPCAST_DOT, BLOCK_M, BLOCK_N)
+                        False, HEAD_DIM, D_PAD, BLOCK_SIZE, BLOCK_TOKENS, DOT_PRECISION, UPCAST_DOT, BLOCK_M, BLOCK_N)
     for i_n in range(n_lo, n_hi, BLOCK_N):
         b_dq = _dq_step(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, i_n, n_k, stride_kn, stride_vn, qk_scale, o_pos,
-                        True, HEAD_DIM, D_PAD, BLOCK_SIZE, DOT_PRECISION, UPCAST_DOT, BLOCK_M, BLOCK_N)
+                        True, HEAD_DIM, D_PAD, BLOCK_SIZE, BLOCK_TOKENS, DOT_PRECISION, UPCAST_DOT, BLOCK_M, BLOCK_N)
     _store_tile(_head(dq, i_b, i_h, stride_dqb, stride_dqh), o_i, n_q, stride_dqn, b_dq * sm_scale, HEAD_DIM, D_PAD)
 
 
@@ -577,7 +589,7 @@ def _launch(kernel, tuned, grid_fn, args, **const):
 # ---------------------------------------------------------------------------------------------------------
 # Layer 2: launchers (validate, allocate, build the grid)
 # ---------------------------------------------------------------------------------------------------------
-def _check_inputs(q, k, v, block_size, sm_scale):
+def _check_inputs(q, k, v, block_size, sm_scale, block_tokens):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"landmark_attention: {name} must be a torch.Tensor, got {type(t).__name__}.")
@@ -597,12 +609,10 @@ def _check_inputs(q, k, v, block_size, sm_scale):
         raise ValueError("landmark_attention: the Triton kernel needs GPU tensors (got CPU tensors); move q, k, v "
                          "to a CUDA device, use the eager landmark attention, or set TRITON_INTERPRET=1 before "
                          "importing triton to run the kernel (slowly) on the CPU.")
-    if isinstance(block_size, bool) or not isinstance(block_size, int):
-        raise TypeError(f"landmark_attention: block_size must be an int, got {type(block_size).__name__}.")
-    if block_size < 2 or block_size & (block_size - 1) or block_size > _MAX_BLOCK_SIZE:
-        raise ValueError(f"landmark_attention: block_size must be a power of two between 2 and {_MAX_BLOCK_SIZE} "
-                         f"(a key tile holds whole landmark blocks), got {block_size}; use the eager path for "
-                         "other block sizes.")
+    _check_block_size(block_tokens)
+    if block_size & (block_size - 1) or not block_tokens <= block_size <= _MAX_BLOCK_SIZE:
+        raise ValueError(f"landmark_attention: the slot of a block must be a power of two from block_tokens "
+                         f"({block_tokens}) to {_MAX_BLOCK_SIZE}, got {block_size}.")
     batch, q_heads, n_q, head_dim = q.shape
     if k.shape != v.shape:
         raise ValueError(f"landmark_attention: k and v must have the same shape, got {tuple(k.shape)} and "
@@ -628,6 +638,14 @@ def _check_inputs(q, k, v, block_size, sm_scale):
                          f"scores), got {sm_scale}.")
 
 
+def _check_block_size(block_size):
+    if isinstance(block_size, bool) or not isinstance(block_size, int):
+        raise TypeError(f"landmark_attention: block_size must be an int, got {type(block_size).__name__}.")
+    if not 2 <= block_size <= _MAX_BLOCK_SIZE:
+        raise ValueError(f"landmark_attention: block_size must be between 2 and {_MAX_BLOCK_SIZE}, got {block_size}; "
+                         "use the eager path for larger blocks.")
+
+
 def _inner_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -640,14 +658,17 @@ def _dims(q, k):
     return head_dim, d_pad, q.shape[1] // k.shape[1], precision, upcast
 
 
-def landmark_attn_fwd(q, k, v, block_size, sm_scale=None):
+def landmark_attn_fwd(q, k, v, block_size, sm_scale=None, block_tokens=None):
     """Forward launcher.
 
-    q: [B, Hq, Tq, D]; k, v: [B, Hkv, Tk, D]. Returns o [B, Hq, Tq, D] (q's dtype; same memory layout as q
+    q: [B, Hq, Tq, D]; k, v: [B, Hkv, Tk, D], laid out in blocks of `block_size` positions (a power of two) of
+    which the first `block_tokens - 1` (default: all but the last) are regular keys and the last the landmark.
+    Returns o [B, Hq, Tq, D] (q's dtype; same memory layout as q
     where q is dense) and lse [B, Hq, Tq] float32, the base-2 logsumexp of the rows' scaled scores
     (log2-sum-exp2 of sm_scale * log2(e) * q.k), which the backward needs.
     """
-    _check_inputs(q, k, v, block_size, sm_scale)
+    block_tokens = block_size if block_tokens is None else block_tokens
+    _check_inputs(q, k, v, block_size, sm_scale, block_tokens)
     q, k, v = _inner_contiguous(q), _inner_contiguous(k), _inner_contiguous(v)
     batch, q_heads, n_q, _ = q.shape
     n_k = k.shape[2]
@@ -665,16 +686,17 @@ def landmark_attn_fwd(q, k, v, block_size, sm_scale=None):
             (q, k, v, o, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], n_q, n_k,
              sm_scale * _LOG2E),
             Q_HEADS=q_heads, KV_GROUP=kv_group, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size,
-            DOT_PRECISION=precision, UPCAST_DOT=upcast)
+            BLOCK_TOKENS=block_tokens, DOT_PRECISION=precision, UPCAST_DOT=upcast)
     return o, lse
 
 
-def landmark_attn_bwd(do, q, k, v, o, lse, block_size, sm_scale=None):
+def landmark_attn_bwd(do, q, k, v, o, lse, block_size, sm_scale=None, block_tokens=None):
     """Backward launcher: dO [B, Hq, Tq, D] and the forward's tensors -> dq [B, Hq, Tq, D], dk, dv [B, Hkv, Tk, D].
 
     Three launches: D = rowsum(dO * O) [B, Hq, Tq] float32; dK/dV over key tiles (each program loops over
     the query heads of its key/value head, no atomics); dQ over query tiles.
     """
+    block_tokens = block_size if block_tokens is None else block_tokens
     do = _inner_contiguous(do)
     q, k, v, o = _inner_contiguous(q), _inner_contiguous(k), _inner_contiguous(v), _inner_contiguous(o)
     batch, q_heads, n_q, _ = q.shape
@@ -698,7 +720,7 @@ def landmark_attn_bwd(do, q, k, v, o, lse, block_size, sm_scale=None):
             (q, k, v, do, lse, delta, dk, dv, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
              *dk.stride()[:3], *dv.stride()[:3], n_q, n_k, sm_scale * _LOG2E, sm_scale),
             KV_HEADS=kv_heads, KV_GROUP=kv_group, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size,
-            DOT_PRECISION=precision, UPCAST_DOT=upcast)
+            BLOCK_TOKENS=block_tokens, DOT_PRECISION=precision, UPCAST_DOT=upcast)
 
     def grid_dq(meta):
         return (batch * q_heads, triton.cdiv(n_q, meta["BLOCK_M"]))
@@ -707,7 +729,7 @@ def landmark_attn_bwd(do, q, k, v, o, lse, block_size, sm_scale=None):
             (q, k, v, do, lse, delta, dq, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
              *dq.stride()[:3], n_q, n_k, sm_scale * _LOG2E, sm_scale),
             Q_HEADS=q_heads, KV_GROUP=kv_group, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size,
-            DOT_PRECISION=precision, UPCAST_DOT=upcast)
+            BLOCK_TOKENS=block_tokens, DOT_PRECISION=precision, UPCAST_DOT=upcast)
     return dq, dk, dv
 
 
@@ -716,17 +738,17 @@ def landmark_attn_bwd(do, q, k, v, o, lse, block_size, sm_scale=None):
 # ---------------------------------------------------------------------------------------------------------
 class LandmarkAttnFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, block_size, sm_scale):
-        o, lse = landmark_attn_fwd(q, k, v, block_size, sm_scale)
+    def forward(ctx, q, k, v, block_size, sm_scale, block_tokens=None):
+        o, lse = landmark_attn_fwd(q, k, v, block_size, sm_scale, block_tokens)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.block_size, ctx.sm_scale = block_size, sm_scale
+        ctx.block_size, ctx.sm_scale, ctx.block_tokens = block_size, sm_scale, block_tokens
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = landmark_attn_bwd(do, q, k, v, o, lse, ctx.block_size, ctx.sm_scale)
-        return dq, dk, dv, None, None
+        dq, dk, dv = landmark_attn_bwd(do, q, k, v, o, lse, ctx.block_size, ctx.sm_scale, ctx.block_tokens)
+        return dq, dk, dv, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -739,7 +761,9 @@ def landmark_attention(q, k, v, block_size, sm_scale=None):
         q: [batch, q_heads, n_q, head_dim] queries, the last n_q of the n_k positions.
         k, v: [batch, kv_heads, n_k, head_dim]; the key at position j is a landmark iff
             j % block_size == block_size - 1. q_heads must be a multiple of kv_heads.
-        block_size: positions per landmark block, landmark included (power of two, 2..128).
+        block_size: positions per landmark block, landmark included, 2..128. A size that is no power of two runs
+            with each block in a slot of the next power of two, phantom keys between its tokens and its landmark
+            masked out (51 in slots of 64: 1.25x the positions).
         sm_scale: score scale, default 1 / sqrt(head_dim).
 
     Returns:
@@ -751,4 +775,36 @@ def landmark_attention(q, k, v, block_size, sm_scale=None):
     if torch.is_autocast_enabled(q.device.type):
         dtype = torch.get_autocast_dtype(q.device.type)
         q, k, v = (t.to(dtype) for t in (q, k, v))
-    return LandmarkAttnFunction.apply(q, k, v, block_size, sm_scale)
+    _check_block_size(block_size)
+    slot_size = 1 << (block_size - 1).bit_length()
+    if slot_size == block_size:
+        return LandmarkAttnFunction.apply(q, k, v, block_size, sm_scale)
+    _check_inputs(q, k, v, slot_size, sm_scale, block_size)
+    n_q, n_k = q.shape[2], k.shape[2]
+    if n_q == 0:
+        return q.clone()
+    key_slots, n_key_slots, query_slots, n_query_slots = _phantom_layout(n_q, n_k, block_size, slot_size, q.device)
+    out = LandmarkAttnFunction.apply(_to_slots(q, query_slots, n_query_slots), _to_slots(k, key_slots, n_key_slots),
+                                     _to_slots(v, key_slots, n_key_slots), slot_size, sm_scale, block_size)
+    return out.index_select(2, query_slots)
+
+
+def _phantom_layout(n_q, n_k, block_size, slot_size, device):
+    """Where positions go when each block of `block_size` takes a slot of `slot_size`: its regular tokens first, its
+    landmark last, phantom positions between. Returns the slots of the n_k keys and their count, and those of the
+    last n_q (the queries) counted from the first query's slot, and their count."""
+
+    def slot(position):  # a Python int, so that the lengths need no device sync
+        offset = position % block_size
+        return position // block_size * slot_size + (slot_size - 1 if offset == block_size - 1 else offset)
+
+    positions = torch.arange(n_k, device=device)
+    offsets = positions % block_size
+    key_slots = positions // block_size * slot_size + torch.where(offsets == block_size - 1, slot_size - 1, offsets)
+    n_key_slots, first_query = slot(n_k - 1) + 1, slot(n_k - n_q)
+    return key_slots, n_key_slots, key_slots[n_k - n_q:] - first_query, n_key_slots - first_query
+
+
+def _to_slots(x, slots, length):
+    """x [batch, heads, n, head_dim] scattered to rows `slots` of a zero [batch, heads, length, head_dim]."""
+    return x.new_zeros(*x.shape[:2], length, x.shape[3]).index_copy_(2, slots, x)
