@@ -179,9 +179,19 @@ def test_perplexity_command_writes_table_json_and_plot(mute_model, tokenizer, tm
     assert "truncated to 512" in capsys.readouterr().out
 
 
-def test_perplexity_command_refuses_lengths_off_the_training_context(tmp_path):
-    with pytest.raises(SystemExit):
-        perplexity.main(["--lengths", "700", "--tokens", "1400", "--output", str(tmp_path)])
+def test_commands_refuse_bad_input_with_the_message(tmp_path, capsys):
+    for command, argv, message in [
+        (perplexity, ["--lengths", "700", "--tokens", "1400"], "multiples of the training context 512"),
+        (perplexity, ["--lengths", "512", "--tokens", "512", "--text_file", str(tmp_path / "none.txt")],
+         "No such file"),
+        (perplexity, ["--lengths", "512", "--tokens", "10240000"], "fewer than --tokens 10240000"),
+        (passkey, ["--lengths", "30", "--trials", "1"], "length 30 is too short"),
+        (passkey, ["--lengths", "600", "--trials", "1", "--retrieval_top_k", "0"], "retrieval_top_k"),
+    ]:
+        with pytest.raises(SystemExit) as stopped:
+            command.main([*argv, "--output", str(tmp_path / "out")])
+        assert stopped.value.code == 2
+        assert message in capsys.readouterr().err
 
 
 def test_recipe_splits_by_path_and_builds_passkey_windows(tokenizer):

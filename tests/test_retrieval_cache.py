@@ -212,7 +212,7 @@ def test_generate_from_remote_code_in_a_fresh_process(tmp_path):
         with torch.no_grad():
             out = model.generate(prompt, max_new_tokens=12, do_sample=False, retrieval_granularity="chunk",
                                  return_dict_in_generate=True)
-        cache = out.get("cache", out.get("past_key_values"))
+        cache = out["cache"] if "cache" in out else out["past_key_values"]
         print(json.dumps({"tokens": out.sequences.tolist(), "cache": type(cache).__module__}))
         """
     )

@@ -183,7 +183,10 @@ def main(argv=None):
         label = f"{Path(folder).name} ({'landmark' if knobs or folder in settings else 'stock'})"
         print(f"{role}: {label}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
               f"trained on {getattr(model.config, 'train_context_length', '?')} tokens")
-        runs[label] = evaluate(model, tokenizer, lengths, args.trials, args.seed, args.batch_size, **knobs)
+        try:
+            runs[label] = evaluate(model, tokenizer, lengths, args.trials, args.seed, args.batch_size, **knobs)
+        except ValueError as error:  # a length too short for the prompt, a bad retrieval setting: say it, no trace
+            parser.error(str(error))
         longest = runs[label][max(lengths)]
         example = longest["answers"][0]
         print(f"e.g. at {max(lengths)} tokens, key {example['key']} at depth {example['depth']:.2f}: "

@@ -68,7 +68,7 @@ def window_nll(model, windows, piece=None):
     for start in range(0, windows.shape[1], piece):
         ids = windows[:, start:start + piece]
         out = model(input_ids=ids, use_cache=True, **{cache_name: cache})
-        cache = out.get("cache", out.get("past_key_values"))
+        cache = out["cache"] if "cache" in out else out["past_key_values"]
         logits = out.logits if last_logits is None else torch.cat([last_logits, out.logits], dim=1)
         first = start if last_logits is None else start - 1
         targets = windows[:, first + 1:start + ids.shape[1]]
@@ -145,8 +145,14 @@ def main(argv=None):
         for name in ("retrieval_top_k", "retrieval_granularity"):
             if getattr(args, name) is not None and hasattr(model.config, "landmark_token_id"):
                 setattr(model.config, name, getattr(args, name))
-        texts = [Path(args.text_file).read_text(encoding="utf-8")] if args.text_file else held_out_texts(args.stdlib)
-        stream = token_stream(tokenizer, texts, args.tokens)
+        try:
+            if args.text_file:
+                texts = [Path(args.text_file).read_text(encoding="utf-8")]
+            else:
+                texts = held_out_texts(args.stdlib)
+            stream = token_stream(tokenizer, texts, args.tokens)
+        except (OSError, ValueError) as error:  # a missing file, too little text: the message, not a traceback
+            parser.error(str(error))
         name = Path(folder).name
         for row, results in evaluate(model, stream, args.lengths, context_length, args.piece,
                                      args.tokens_per_call).items():

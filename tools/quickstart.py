@@ -46,7 +46,7 @@ RUN_FROM_FOLDER = textwrap.dedent(
     start = time.perf_counter()
     out = model.generate(long_prompt, max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
     seconds = time.perf_counter() - start
-    cache = out.get("cache", out.get("past_key_values"))
+    cache = out["cache"] if "cache" in out else out["past_key_values"]
     blocks = int(cache.internal_lengths[0]) // model.config.block_size
     print(f"long prompt: {long_prompt.shape[1]} tokens ({long_prompt.shape[1] // context}x the training context "
           f"of {context}); {type(cache).__name__} holds {blocks} blocks a layer and retrieved "

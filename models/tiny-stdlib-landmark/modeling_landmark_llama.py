@@ -321,6 +321,14 @@ class LandmarkLlamaPreTrainedModel(LlamaPreTrainedModel):
             )
         return LANDMARK_ATTENTION
 
+    @property
+    def is_gradient_checkpointing(self):
+        """transformers 5.23 renamed this to `is_activation_checkpointing` and warns on the old name, which PEFT still
+        reads when it wraps a model; the old name answers with the current one, without the warning."""
+        if hasattr(LlamaPreTrainedModel, "is_activation_checkpointing"):
+            return self.is_activation_checkpointing
+        return super().is_gradient_checkpointing
+
     @classmethod
     def _supports_default_dynamic_cache(cls):
         """A stock DynamicCache cannot hold landmark blocks: `prepare_inputs_for_generation` builds the retrieval
