@@ -147,25 +147,30 @@ class ChunkPositions:
     length: [batch] new positions of each row in this chunk; slots past it are padding and never enter the cache.
     most_blocks, longest_tail: the largest complete-block count and tail of the rows, read to the host once per
         chunk rather than once per layer.
+    aligned: every row starts at the same position and fills the whole chunk (no padding): one layout serves the
+        batch, which the fused kernel needs.
     """
 
     start: torch.LongTensor
     length: torch.LongTensor
     most_blocks: int
     longest_tail: int
+    aligned: bool = False
 
 
 @dataclass
 class RetrievedBlocks:
     """Blocks selected for a chunk: keys (rotated by their offset in the block) and values, both
     [batch, q_heads, retrievers, k, block_size, head_dim] with one retriever per query token (`"token"`) or one per
-    chunk (`"chunk"`); `valid` [batch, q_heads, retrievers, k] (rows with fewer than k complete blocks); `queries`
-    [batch, q_heads, width, k, head_dim], fp32, each query rotated back by the start each block is assigned:
+    chunk (`"chunk"`); `valid` [batch, q_heads, retrievers, k] (rows with fewer than k complete blocks); `starts`
+    [batch, q_heads, retrievers, k], the position each block is assigned; `queries` [batch, q_heads, width, k,
+    head_dim], fp32, each query rotated back by the start of each of its blocks:
     <q at m, key at start + o> = <q rotated by m - start, key rotated by o>."""
 
     keys: torch.Tensor
     values: torch.Tensor
     valid: torch.Tensor
+    starts: torch.Tensor
     queries: torch.Tensor
 
     def scores(self):
@@ -310,7 +315,7 @@ class LandmarkCacheLayer(CacheLayerMixin):
         keys = self.keys[rows, selected, kv_head]  # [batch, q_heads, retrievers, k, block_size, dim]
         values = self.values[rows, selected, kv_head]
         queries = apply_rope(query.float()[:, :, :, None], -block_start, inv_freq)  # [batch, q_heads, width, k, dim]
-        return RetrievedBlocks(keys, values, valid, queries)
+        return RetrievedBlocks(keys, values, valid, block_start, queries)
 
     def get_seq_length(self):
         raise NotImplementedError("LandmarkRetrievalCache.get_seq_length counts input tokens for the whole cache.")
@@ -394,11 +399,14 @@ class LandmarkRetrievalCache(Cache):
         lengths = self.internal_lengths
         return lengths - lengths // self.block_size
 
-    def begin_chunk(self, lengths):
-        """Announce a pass through the stack adding `lengths` [batch] internal positions to each row."""
+    def begin_chunk(self, lengths, width):
+        """Announce a pass through the stack adding `lengths` [batch] internal positions to each row, of `width`
+        at most."""
         start = self.internal_lengths
-        most_blocks, longest_tail = (int(x.max()) for x in (start // self.block_size, start % self.block_size))
-        self.chunk = ChunkPositions(start, lengths, most_blocks, longest_tail)
+        ragged = (start != start[:1]).any() | (lengths != width).any()
+        summary = torch.stack([(start // self.block_size).max(), (start % self.block_size).max(), ragged.long()])
+        most_blocks, longest_tail, ragged = summary.tolist()  # one read to the host per chunk
+        self.chunk = ChunkPositions(start, lengths, most_blocks, longest_tail, aligned=not ragged)
 
     def end_chunk(self):
         self.internal_lengths = self.internal_lengths + self.chunk.length

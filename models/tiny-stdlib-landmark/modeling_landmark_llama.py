@@ -140,13 +140,14 @@ def landmark_eager_attention(query, key, value, block_size, scaling, dropout=0.0
     return output.reshape(batch, q_heads, n_q, head_dim), weights[..., :n_k].reshape(batch, q_heads, n_q, n_k)
 
 
-def landmark_retrieval_attention(query, key, value, cache, layer_idx, scaling):
+def landmark_retrieval_attention(query, key, value, cache, layer_idx, scaling, use_kernel=False):
     """The inference form (paper 3.2): a chunk's queries attend to [retrieved blocks | tail | chunk] in one grouped
     softmax. Only the landmarks of retrieved blocks (and of complete blocks inside [tail | chunk]) gate.
 
     query [batch, q_heads, width, head_dim], key and value [batch, kv_heads, width, head_dim], unrotated (the stack
     runs at position 0 while the cache is in use); the chunk is written into `cache.layers[layer_idx]`. Returns
-    [batch, width, q_heads, head_dim]. Scores and softmax in fp32.
+    [batch, width, q_heads, head_dim]. Scores and softmax in fp32; with `use_kernel`, chunks that the training-form
+    kernel can take run there (`_kernel_chunk_attention`).
     """
     layer, chunk, block_size = cache.layers[layer_idx], cache.chunk, cache.block_size
     batch, q_heads, width, head_dim = query.shape
@@ -169,6 +170,9 @@ def landmark_retrieval_attention(query, key, value, cache, layer_idx, scaling):
     local_scores = local_scores.masked_fill_(~visible[:, None, None], float("-inf")).flatten(1, 2)
 
     retrieved = layer.retrieve(query, chunk, cache.settings, cache.inv_freq, scaling)
+    if use_kernel and chunk.aligned and (retrieved is None or retrieved.keys.shape[2] == 1):
+        return _kernel_chunk_attention(query, local_keys, local_values, retrieved, chunk, block_size, scaling,
+                                       cache.inv_freq)
     if retrieved is None:
         scores = local_scores
     else:
@@ -185,6 +189,24 @@ def landmark_retrieval_attention(query, key, value, cache, layer_idx, scaling):
     if retrieved is not None:
         output = output + retrieved.mix(weights[..., :-local_length])
     return output.to(value.dtype).transpose(1, 2)
+
+
+def _kernel_chunk_attention(query, local_keys, local_values, retrieved, chunk, block_size, scaling, inv_freq):
+    """A chunk's retrieval attention on the training-form kernel. When the rows share one layout and each head selects
+    its blocks once for the chunk (or there is nothing to select yet), [retrieved blocks | tail | chunk] is a
+    training-form sequence: the retrieved blocks, rotated to their assigned positions, are whole blocks before the
+    tail's, their landmarks gate as the cache's do, and the chunk's queries are its last positions."""
+    width = query.shape[2]
+    local_length = chunk.longest_tail + width
+    keys, values = local_keys[:, :, :local_length], local_values[:, :, :local_length]
+    if retrieved is not None:  # one selection per query head: the kv heads are repeated to the query heads
+        group = query.shape[1] // keys.shape[1]
+        blocks = apply_rope(retrieved.keys[:, :, 0], retrieved.starts[:, :, 0, :, None], inv_freq)
+        keys = torch.cat([blocks.flatten(2, 3), keys.repeat_interleave(group, 1)], dim=2)
+        values = torch.cat([retrieved.values[:, :, 0].flatten(2, 3), values.repeat_interleave(group, 1)], dim=2)
+    output = landmark_triton_attention(query, keys.to(query.dtype), values.to(query.dtype), block_size,
+                                       sm_scale=scaling)
+    return output.transpose(1, 2)
 
 
 def _use_triton(config, query, dropout):
@@ -225,8 +247,11 @@ def landmark_attention_forward(
     """
     config = module.config
     use_triton = _use_triton(config, query, dropout)  # also refuses a backend that cannot run, in both forms
-    if retrieval_cache is not None:  # eager in both granularities for now (the fused retrieval kernel is planned)
-        return landmark_retrieval_attention(query, key, value, retrieval_cache, module.layer_idx, scaling), None
+    if retrieval_cache is not None:
+        output = landmark_retrieval_attention(
+            query, key, value, retrieval_cache, module.layer_idx, scaling, use_kernel=use_triton
+        )
+        return output, None
     if use_triton:
         output = landmark_triton_attention(query, key, value, config.block_size, sm_scale=scaling)
         weights = None
@@ -436,7 +461,7 @@ class LandmarkLlamaModel(LandmarkLlamaPreTrainedModel, LlamaModel):
         for begin in range(0, total, chunk_length):
             chunk = internal_embeds[:, begin : begin + chunk_length]
             width = chunk.shape[1]
-            cache.begin_chunk((lengths - begin).clamp(0, width))
+            cache.begin_chunk((lengths - begin).clamp(0, width), width)
             at_zero = torch.zeros(1, width, dtype=torch.long, device=chunk.device)
             outputs = LlamaModel.forward(
                 self, inputs_embeds=chunk, position_ids=at_zero, use_cache=False, retrieval_cache=cache, **kwargs
