@@ -14,7 +14,6 @@ baseline). Prints a table and writes passkey.json and passkey.png (accuracy agai
 """
 
 import argparse
-import json
 import random
 import re
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from landmark_llama.tools.report import length_plot, markdown_table
+from landmark_llama.tools.report import length_plot, markdown_table, write_record
 
 
 SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "models" / "tiny-stdlib-landmark"
@@ -193,11 +192,8 @@ def main(argv=None):
               f"...{QUESTION!r} -> {example['answer']!r} ({'right' if example['correct'] else 'wrong'})")
         del model
 
-    output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
-    record = dict(command=vars(args), settings=settings, torch=torch.__version__,
-                  results={label: {str(n): r for n, r in results.items()} for label, results in runs.items()})
-    (output / "passkey.json").write_text(json.dumps(record, indent=1) + "\n")
+    output = write_record(args.output, "passkey", runs, command=vars(args), settings=settings,
+                          torch=torch.__version__)
     length_plot(runs, output / "passkey.png", f"pass key retrieval, {args.trials} prompts a length",
                 "prompt length (tokens)", "pass key accuracy (%)", value=lambda r: 100 * r["accuracy"], ylim=(-3, 103))
     print(markdown_table(runs, lambda r: f"{100 * r['accuracy']:.0f}% ({r['trials']})"))

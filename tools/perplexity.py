@@ -18,7 +18,6 @@ Prints a table and writes perplexity.json and perplexity.png to --output.
 
 import argparse
 import inspect
-import json
 import math
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from landmark_llama.tools.passkey import SHIPPED_MODEL, load_model
-from landmark_llama.tools.report import length_plot, markdown_table
+from landmark_llama.tools.report import length_plot, markdown_table, write_record
 
 
 def held_out_texts(stdlib=None):
@@ -164,11 +163,8 @@ def main(argv=None):
                                parameters=sum(p.numel() for p in model.parameters()))
         del model
 
-    output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
-    record = dict(command=vars(args), models=described, torch=torch.__version__,
-                  results={label: {str(n): value for n, value in results.items()} for label, results in runs.items()})
-    (output / "perplexity.json").write_text(json.dumps(record, indent=1) + "\n")
+    output = write_record(args.output, "perplexity", runs, command=vars(args), models=described,
+                          torch=torch.__version__)
     length_plot(runs, output / "perplexity.png", f"held-out perplexity, {args.tokens} tokens scored",
                 "context length (tokens)", "held-out perplexity", log_y=True, marker_x=context_length,
                 marker_label="training context")

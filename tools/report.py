@@ -1,4 +1,17 @@
-"""Tables and plots of a measure against length, shared by the evaluation tools (passkey, perplexity)."""
+"""Records, tables and plots of a measure against length, shared by the evaluation tools (passkey, perplexity)."""
+
+import json
+from pathlib import Path
+
+
+def write_record(folder, name, runs, **fields):
+    """`fields` and the runs ({label: {length: result}}) as folder/name.json (the folder made if needed); returns
+    the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    results = {label: {str(n): result for n, result in per_length.items()} for label, per_length in runs.items()}
+    (folder / f"{name}.json").write_text(json.dumps(dict(fields, results=results), indent=1) + "\n")
+    return folder
 
 
 def markdown_table(runs, cell):
