@@ -161,6 +161,10 @@ def landmark_retrieval_attention(query, key, value, cache, layer_idx, scaling, u
     in_local = torch.arange(local_length, device=query.device)
     block_starts = tail_block_start[:, None] + in_local - in_local % block_size
     local_keys = apply_rope(local_keys, block_starts[:, None], cache.inv_freq)
+    retrieved = layer.retrieve(query, chunk, cache.settings, cache.inv_freq, scaling)
+    if use_kernel and chunk.aligned and (retrieved is None or retrieved.keys.shape[2] == 1):
+        return _kernel_chunk_attention(query, local_keys, local_values, retrieved, chunk, block_size, scaling,
+                                       cache.inv_freq)
 
     grouped_query = query.float().unflatten(1, (kv_heads, q_heads // kv_heads))
     local_scores = torch.matmul(grouped_query, local_keys.float()[:, :, None].transpose(-1, -2)).mul_(scaling)
@@ -168,15 +172,11 @@ def landmark_retrieval_attention(query, key, value, cache, layer_idx, scaling, u
     earlier_block, visible = _block_structure(query_coords, local_length // block_size, block_size)
     _gate_blocks(local_scores, earlier_block[:, None, None], block_size)
     local_scores = local_scores.masked_fill_(~visible[:, None, None], float("-inf")).flatten(1, 2)
-
-    retrieved = layer.retrieve(query, chunk, cache.settings, cache.inv_freq, scaling)
-    if use_kernel and chunk.aligned and (retrieved is None or retrieved.keys.shape[2] == 1):
-        return _kernel_chunk_attention(query, local_keys, local_values, retrieved, chunk, block_size, scaling,
-                                       cache.inv_freq)
     if retrieved is None:
         scores = local_scores
     else:
-        retrieved_scores = retrieved.scores().mul_(scaling)  # [batch, q_heads, width, k * block_size]
+        # [batch, q_heads, width, k * block_size]
+        retrieved_scores = retrieved.scores(query, cache.inv_freq).mul_(scaling)
         _gate_blocks(retrieved_scores, retrieved.valid, block_size)
         is_landmark = torch.arange(block_size, device=query.device) == block_size - 1
         hidden = ~retrieved.valid[..., None] | is_landmark  # landmarks only gate; missing blocks are absent

@@ -5,7 +5,6 @@ import random
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -46,25 +45,18 @@ def mute_model(tokenizer, tmp_path_factory):
     return folder
 
 
-def test_shipped_folder_is_small_self_contained_and_current():
+def test_shipped_folder_is_small_self_contained_and_current(tmp_path):
     files = {path.name: path.stat().st_size for path in SHIPPED.iterdir()}
     assert sum(files.values()) <= 25 * 2**20, files
     assert "model.safetensors" in files and not any(name.endswith((".bin", ".pt", ".pkl")) for name in files)
     config = json.loads((SHIPPED / "config.json").read_text())
     assert config["model_type"] == "landmark_llama" and config["auto_map"]
     # The folder's remote code is what the package would export now: a change to the model code must refresh it.
-    fresh = Path(SHIPPED.parent.parent / ".pytest-export")
-    try:
-        fresh.mkdir(exist_ok=True)
-        export_remote_code(fresh)
-        for path in fresh.iterdir():
-            assert path.read_text() == (SHIPPED / path.name).read_text(), (
-                f"{SHIPPED / path.name} is stale; refresh it with export_remote_code('{SHIPPED}')"
-            )
-    finally:
-        for path in fresh.iterdir():
-            path.unlink()
-        fresh.rmdir()
+    export_remote_code(tmp_path)
+    for path in tmp_path.iterdir():
+        assert path.read_text() == (SHIPPED / path.name).read_text(), (
+            f"{SHIPPED / path.name} is stale; refresh it with export_remote_code('{SHIPPED}')"
+        )
     with safe_open(SHIPPED / "model.safetensors", "pt") as weights:
         assert {weights.get_slice(name).get_dtype() for name in weights.keys()} == {"BF16"}
 

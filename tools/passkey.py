@@ -99,6 +99,11 @@ def load_model(folder, device, dtype):
     return model, tokenizer
 
 
+def is_landmark_model(model):
+    """Whether `model` runs landmark attention (and so takes the retrieval settings), whatever loaded it."""
+    return getattr(model.config, "landmark_token_id", None) is not None
+
+
 @torch.no_grad()
 def answer(model, tokenizer, prompts, max_new_tokens=8, **generate_kwargs):
     """Greedy continuations of a batch of token-id prompts (left-padded), decoded."""
@@ -174,12 +179,12 @@ def main(argv=None):
             continue
         model, tokenizer = load_model(folder, args.device, dtype)
         knobs = {}
-        if getattr(model.config, "landmark_token_id", None) is not None:
+        if is_landmark_model(model):
             knobs = {name: value for name in ("retrieval_top_k", "retrieval_granularity")
                      if (value := getattr(args, name)) is not None}
             settings[folder] = {name: knobs.get(name, getattr(model.config, name))
                                 for name in ("retrieval_top_k", "retrieval_granularity", "block_size")}
-        label = f"{Path(folder).name} ({'landmark' if knobs or folder in settings else 'stock'})"
+        label = f"{Path(folder).name} ({'landmark' if is_landmark_model(model) else 'stock'})"
         print(f"{role}: {label}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
               f"trained on {getattr(model.config, 'train_context_length', '?')} tokens")
         try:

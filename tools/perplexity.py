@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from landmark_llama.tools.passkey import SHIPPED_MODEL, load_model
+from landmark_llama.tools.passkey import SHIPPED_MODEL, is_landmark_model, load_model
 from landmark_llama.tools.report import length_plot, markdown_table, write_record
 
 
@@ -98,7 +98,7 @@ def perplexity(nll, context_length):
 
 def evaluate(model, stream, lengths, context_length, piece=2048, tokens_per_call=16384, progress=True):
     """{row label: {length: perplexity}} for one model (two rows for a landmark model, one for a stock one)."""
-    landmark = getattr(model.config, "landmark_token_id", None) is not None
+    landmark = is_landmark_model(model)
     rows = {"retrieval": lengths, "truncated": [context_length]} if landmark else {"full": lengths}
     total = sum(len(row_lengths) for row_lengths in rows.values()) * stream.numel()
     results = {}
@@ -131,6 +131,10 @@ def main(argv=None):
     parser.add_argument("--output", default="out/perplexity", help="folder for perplexity.json and .png")
     args = parser.parse_args(argv)
 
+    try:  # the text first: a missing file fails before any model loads
+        texts = [Path(args.text_file).read_text(encoding="utf-8")] if args.text_file else held_out_texts(args.stdlib)
+    except OSError as error:
+        parser.error(str(error))
     runs, described, context_length = {}, {}, None
     for folder in filter(None, (args.model, args.baseline)):
         model, tokenizer = load_model(folder, args.device, getattr(torch, args.dtype))
@@ -142,15 +146,11 @@ def main(argv=None):
                 parser.error(f"--lengths and --tokens must be multiples of the training context {context_length}, "
                              "and --tokens of every length")
         for name in ("retrieval_top_k", "retrieval_granularity"):
-            if getattr(args, name) is not None and hasattr(model.config, "landmark_token_id"):
+            if getattr(args, name) is not None and is_landmark_model(model):
                 setattr(model.config, name, getattr(args, name))
-        try:
-            if args.text_file:
-                texts = [Path(args.text_file).read_text(encoding="utf-8")]
-            else:
-                texts = held_out_texts(args.stdlib)
+        try:  # each model's own tokenizer
             stream = token_stream(tokenizer, texts, args.tokens)
-        except (OSError, ValueError) as error:  # a missing file, too little text: the message, not a traceback
+        except ValueError as error:  # too little text: the message, not a traceback
             parser.error(str(error))
         name = Path(folder).name
         for row, results in evaluate(model, stream, args.lengths, context_length, args.piece,

@@ -163,23 +163,24 @@ class RetrievedBlocks:
     """Blocks selected for a chunk: keys (rotated by their offset in the block) and values, both
     [batch, q_heads, retrievers, k, block_size, head_dim] with one retriever per query token (`"token"`) or one per
     chunk (`"chunk"`); `valid` [batch, q_heads, retrievers, k] (rows with fewer than k complete blocks); `starts`
-    [batch, q_heads, retrievers, k], the position each block is assigned; `queries` [batch, q_heads, width, k,
-    head_dim], fp32, each query rotated back by the start of each of its blocks:
-    <q at m, key at start + o> = <q rotated by m - start, key rotated by o>."""
+    [batch, q_heads, retrievers, k], the position each block is assigned."""
 
     keys: torch.Tensor
     values: torch.Tensor
     valid: torch.Tensor
     starts: torch.Tensor
-    queries: torch.Tensor
 
-    def scores(self):
-        """Unscaled scores of each query against its k blocks, [batch, q_heads, width, k * block_size]."""
+    def scores(self, query, inv_freq):
+        """Unscaled scores of the chunk's queries [batch, q_heads, width, head_dim] (rotated to their positions)
+        against their k blocks, [batch, q_heads, width, k * block_size]. Each query is rotated back by the start of
+        each of its blocks, rather than the k * block_size gathered keys forward:
+        <q at m, key at start + o> = <q rotated by m - start, key rotated by o>."""
+        queries = apply_rope(query.float()[:, :, :, None], -self.starts, inv_freq)  # [batch, q_heads, width, k, dim]
         keys = self.keys.float()
         if keys.shape[2] == 1:  # one selection for the whole chunk: one product per head and block
-            scores = torch.matmul(self.queries.transpose(2, 3), keys[:, :, 0].transpose(-1, -2)).transpose(2, 3)
+            scores = torch.matmul(queries.transpose(2, 3), keys[:, :, 0].transpose(-1, -2)).transpose(2, 3)
         else:
-            scores = torch.matmul(self.queries[..., None, :], keys.transpose(-1, -2)).squeeze(-2)
+            scores = torch.matmul(queries[..., None, :], keys.transpose(-1, -2)).squeeze(-2)
         return scores.flatten(-2)
 
     def mix(self, weights):
@@ -308,14 +309,12 @@ class LandmarkCacheLayer(CacheLayerMixin):
         else:
             block_start = selected * block_size
 
-        # 4. gather the selected blocks of each query head's kv head; the queries, not the gathered keys, take the
-        # rotation by each block's assigned start (k rotations a query instead of k * block_size)
+        # 4. gather the selected blocks of each query head's kv head, rotated by their offsets only (see `scores`)
         rows = torch.arange(batch, device=query.device)[:, None, None, None]
         kv_head = (torch.arange(q_heads, device=query.device) // group)[None, :, None, None]
         keys = self.keys[rows, selected, kv_head]  # [batch, q_heads, retrievers, k, block_size, dim]
         values = self.values[rows, selected, kv_head]
-        queries = apply_rope(query.float()[:, :, :, None], -block_start, inv_freq)  # [batch, q_heads, width, k, dim]
-        return RetrievedBlocks(keys, values, valid, block_start, queries)
+        return RetrievedBlocks(keys, values, valid, block_start)
 
     def get_seq_length(self):
         raise NotImplementedError("LandmarkRetrievalCache.get_seq_length counts input tokens for the whole cache.")
