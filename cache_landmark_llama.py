@@ -15,6 +15,7 @@ go to the earlier block.
 """
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
@@ -24,6 +25,7 @@ from .configuration_landmark_llama import RETRIEVAL_GRANULARITIES, RETRIEVAL_POS
 
 
 TIE_TOLERANCE = 1e-5  # relative: scores this close are equal (see `top_blocks`)
+DECODE_HEADROOM_BLOCKS = 32  # blocks planned past each forward's positions, so that decoding rarely grows a store
 
 
 @dataclass(frozen=True)
@@ -37,12 +39,14 @@ class RetrievalSettings:
         before the tail, so no distance exceeds the training context (paper 3.2.1); `"true"`: keys keep their
         positions.
     prefill_chunk_length: internal positions (landmarks included) processed per pass through the stack.
+    cuda_graphs: decoding steps on CUDA replay a captured CUDA graph.
     """
 
     retrieval_top_k: int
     retrieval_granularity: str
     retrieval_positions: str
     prefill_chunk_length: int
+    cuda_graphs: bool
 
     @classmethod
     def resolve(cls, config, **overrides):
@@ -76,9 +80,12 @@ def default_chunk_length(block_size, train_context_length, retrieval_top_k, retr
 
 
 def check_retrieval_settings(
-    block_size, train_context_length, retrieval_top_k, retrieval_granularity, retrieval_positions, prefill_chunk_length
+    block_size, train_context_length, retrieval_top_k, retrieval_granularity, retrieval_positions,
+    prefill_chunk_length, cuda_graphs=True,
 ):
     """Raise a ValueError naming the fix for settings the retrieval cache cannot run with."""
+    if not isinstance(cuda_graphs, bool):
+        raise ValueError(f"cuda_graphs must be True or False, got {cuda_graphs!r}.")
     if isinstance(retrieval_top_k, bool) or not isinstance(retrieval_top_k, int) or retrieval_top_k < 1:
         raise ValueError(f"retrieval_top_k must be an integer of at least 1, got {retrieval_top_k!r}.")
     check_choice("retrieval_granularity", retrieval_granularity, RETRIEVAL_GRANULARITIES)
@@ -160,15 +167,30 @@ class ChunkPositions:
 
 @dataclass
 class RetrievedBlocks:
-    """Blocks selected for a chunk: keys (rotated by their offset in the block) and values, both
-    [batch, q_heads, retrievers, k, block_size, head_dim] with one retriever per query token (`"token"`) or one per
-    chunk (`"chunk"`); `valid` [batch, q_heads, retrievers, k] (rows with fewer than k complete blocks); `starts`
-    [batch, q_heads, retrievers, k], the position each block is assigned."""
+    """Blocks selected for a chunk, one selection per query token (`"token"`) or per chunk (`"chunk"`): `blocks`
+    [batch, q_heads, retrievers, k] indices into the layer's store, `valid` (rows with fewer than k complete blocks
+    leave slots unpicked), `starts`, the position each block is assigned. `keys` and `values` (the store, see
+    `LandmarkCacheLayer`) are read through the indices: `gathered()` copies the blocks out for the eager path; the
+    fused kernel reads them in place."""
 
+    blocks: torch.LongTensor
+    valid: torch.Tensor
+    starts: torch.LongTensor
     keys: torch.Tensor
     values: torch.Tensor
-    valid: torch.Tensor
-    starts: torch.Tensor
+
+    @cached_property
+    def gathered(self):
+        """(keys, values) of the selected blocks, [batch, q_heads, retrievers, k, block_size, head_dim] each."""
+        batch, q_heads = self.blocks.shape[:2]
+        rows = torch.arange(batch, device=self.blocks.device)[:, None, None, None]
+        kv_head = torch.arange(q_heads, device=self.blocks.device) // (q_heads // self.keys.shape[2])
+        kv_head = kv_head[None, :, None, None]
+        return self.keys[rows, self.blocks, kv_head], self.values[rows, self.blocks, kv_head]
+
+    def table(self):
+        """The block table of the fused kernel: `blocks` with -1 where no block was picked."""
+        return torch.where(self.valid, self.blocks, -1)
 
     def scores(self, query, inv_freq):
         """Unscaled scores of the chunk's queries [batch, q_heads, width, head_dim] (rotated to their positions)
@@ -176,7 +198,7 @@ class RetrievedBlocks:
         each of its blocks, rather than the k * block_size gathered keys forward:
         <q at m, key at start + o> = <q rotated by m - start, key rotated by o>."""
         queries = apply_rope(query.float()[:, :, :, None], -self.starts, inv_freq)  # [batch, q_heads, width, k, dim]
-        keys = self.keys.float()
+        keys = self.gathered[0].float()
         if keys.shape[2] == 1:  # one selection for the whole chunk: one product per head and block
             scores = torch.matmul(queries.transpose(2, 3), keys[:, :, 0].transpose(-1, -2)).transpose(2, 3)
         else:
@@ -185,7 +207,7 @@ class RetrievedBlocks:
 
     def mix(self, weights):
         """The values weighted by `weights` [batch, q_heads, width, k * block_size] -> [batch, q_heads, width, dim]."""
-        values = self.values.flatten(-3, -2).float()
+        values = self.gathered[1].flatten(-3, -2).float()
         if values.shape[2] == 1:
             return torch.matmul(weights, values[:, :, 0])
         return torch.matmul(weights[..., None, :], values).squeeze(-2)
@@ -197,7 +219,9 @@ class LandmarkCacheLayer(CacheLayerMixin):
     `landmarks`: [batch, capacity, kv_heads, head_dim], each block's landmark key rotated to its true position.
 
     Block i of a row is complete when i < start // block_size; block start // block_size holds the tail in its first
-    start % block_size slots. Capacity grows by doubling; slots past a row's tail hold scratch.
+    start % block_size slots; slots past a row's tail hold scratch. The cache plans the capacity before a forward
+    (`reserve`), so the stores are allocated once for a prompt and its decoding headroom; past that they grow by a
+    quarter, never by doubling, so that a long prompt's cache never needs twice its size.
     """
 
     is_compileable = False
@@ -209,20 +233,31 @@ class LandmarkCacheLayer(CacheLayerMixin):
         super().__init__()
         self.block_size = block_size
         self.landmarks = None
+        self.planned_blocks = 0
 
     def lazy_initialization(self, key_states, value_states):
         batch, kv_heads, _, head_dim = key_states.shape
-        self.keys = key_states.new_zeros(batch, 0, kv_heads, self.block_size, head_dim)
-        self.values = value_states.new_zeros(batch, 0, kv_heads, self.block_size, value_states.shape[-1])
-        self.landmarks = key_states.new_zeros(batch, 0, kv_heads, head_dim)
+        blocks = self.planned_blocks
+        self.keys = key_states.new_zeros(batch, blocks, kv_heads, self.block_size, head_dim)
+        self.values = value_states.new_zeros(batch, blocks, kv_heads, self.block_size, value_states.shape[-1])
+        self.landmarks = key_states.new_zeros(batch, blocks, kv_heads, head_dim)
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
 
-    def _reserve(self, blocks):
+    @property
+    def capacity(self):
+        return self.keys.shape[1] if self.is_initialized else self.planned_blocks
+
+    def reserve(self, blocks):
+        """Make room for `blocks` blocks per row: planned before the first write, grown (by a quarter at least)
+        after it."""
+        if not self.is_initialized:
+            self.planned_blocks = max(self.planned_blocks, blocks)
+            return
         capacity = self.keys.shape[1]
         if blocks <= capacity:
             return
-        grow = max(blocks, 2 * capacity) - capacity
+        grow = max(blocks, capacity + capacity // 4) - capacity
         for name in self.STORES:
             store = getattr(self, name)
             setattr(self, name, torch.cat([store, store.new_zeros(store.shape[0], grow, *store.shape[2:])], 1))
@@ -240,7 +275,7 @@ class LandmarkCacheLayer(CacheLayerMixin):
         batch, kv_heads, width, head_dim = key_states.shape
         tail_block, tail_length = chunk.start // block_size, chunk.start % block_size
         local_blocks = -(-(chunk.longest_tail + width) // block_size)
-        self._reserve(chunk.most_blocks + local_blocks)
+        self.reserve(chunk.most_blocks + local_blocks)
 
         rows = torch.arange(batch, device=self.device)[:, None]
         written = tail_block[:, None] + torch.arange(local_blocks, device=self.device)  # [batch, local_blocks]
@@ -309,12 +344,7 @@ class LandmarkCacheLayer(CacheLayerMixin):
         else:
             block_start = selected * block_size
 
-        # 4. gather the selected blocks of each query head's kv head, rotated by their offsets only (see `scores`)
-        rows = torch.arange(batch, device=query.device)[:, None, None, None]
-        kv_head = (torch.arange(q_heads, device=query.device) // group)[None, :, None, None]
-        keys = self.keys[rows, selected, kv_head]  # [batch, q_heads, retrievers, k, block_size, dim]
-        values = self.values[rows, selected, kv_head]
-        return RetrievedBlocks(keys, values, valid, block_start)
+        return RetrievedBlocks(selected, valid, block_start, self.keys, self.values)
 
     def get_seq_length(self):
         raise NotImplementedError("LandmarkRetrievalCache.get_seq_length counts input tokens for the whole cache.")
@@ -326,7 +356,11 @@ class LandmarkCacheLayer(CacheLayerMixin):
         return -1
 
     def reorder_cache(self, beam_idx):
-        self.batch_select_indices(beam_idx)
+        """In place, so that a captured decoding step keeps reading the same buffers."""
+        if self.is_initialized:
+            for name in self.STORES:
+                store = getattr(self, name)
+                store.copy_(store.index_select(0, beam_idx.to(self.device)))
 
     def batch_select_indices(self, indices):
         if self.is_initialized:
@@ -341,6 +375,7 @@ class LandmarkCacheLayer(CacheLayerMixin):
     def reset(self):
         self.keys = self.values = self.landmarks = None
         self.is_initialized = False
+        self.planned_blocks = 0
 
     def crop(self, tokens_to_remove):
         raise NotImplementedError(
@@ -354,8 +389,8 @@ class LandmarkRetrievalCache(Cache):
 
     Args:
         config (`LandmarkLlamaConfig`): the model's config; block size, context length and defaults come from it.
-        retrieval_top_k, retrieval_granularity, retrieval_positions, prefill_chunk_length: override the config field
-            of the same name (see `RetrievalSettings`).
+        retrieval_top_k, retrieval_granularity, retrieval_positions, prefill_chunk_length, cuda_graphs: override the
+            config field of the same name (see `RetrievalSettings`).
 
     `get_seq_length()` counts the input tokens processed (columns of `input_ids`, padding included), which is what
     `generate` slices new tokens by; each row's own length in internal positions is `internal_lengths`.
@@ -370,8 +405,10 @@ class LandmarkRetrievalCache(Cache):
         self.block_size = config.block_size
         super().__init__(layers=[LandmarkCacheLayer(config.block_size) for _ in range(config.num_hidden_layers)])
         self.internal_lengths = None  # [batch] internal positions (landmarks included) of each row
+        self.longest = 0  # the longest row's internal length, known on the host without a read
         self.seen_tokens = 0
         self.chunk = None  # the ChunkPositions of the pass through the stack in progress
+        self.decode_graph = None  # the model's captured decoding step, tied to this cache's buffers
 
     def __repr__(self):
         return f"{type(self).__name__}({self.settings}, layers={len(self.layers)}, tokens={self.seen_tokens})"
@@ -398,18 +435,49 @@ class LandmarkRetrievalCache(Cache):
         lengths = self.internal_lengths
         return lengths - lengths // self.block_size
 
+    def reserve(self, positions):
+        """Plan room for `positions` more internal positions on the longest row, and the decoding headroom."""
+        blocks = (self.longest + positions) // self.block_size + 2 + DECODE_HEADROOM_BLOCKS  # + tail, scratch block
+        for layer in self.layers:
+            layer.reserve(blocks)
+
     def begin_chunk(self, lengths, width):
         """Announce a pass through the stack adding `lengths` [batch] internal positions to each row, of `width`
         at most."""
         start = self.internal_lengths
         ragged = (start != start[:1]).any() | (lengths != width).any()
-        summary = torch.stack([(start // self.block_size).max(), (start % self.block_size).max(), ragged.long()])
-        most_blocks, longest_tail, ragged = summary.tolist()  # one read to the host per chunk
+        summary = torch.stack([
+            (start // self.block_size).max(), (start % self.block_size).max(), ragged.long(), (start + lengths).max()
+        ])
+        most_blocks, longest_tail, ragged, self.longest = summary.tolist()  # one read to the host per chunk
         self.chunk = ChunkPositions(start, lengths, most_blocks, longest_tail, aligned=not ragged)
 
+    def plan_decode_step(self):
+        """Host side of a decoding step (one new token per row), before `begin_decode_step`: the longest row grows
+        by its token and maybe a landmark, and the stores make room for it. Returns the blocks a row may have."""
+        block_size = self.block_size
+        tokens = self.longest - self.longest // block_size + 1
+        self.longest = tokens + tokens // (block_size - 1)
+        self.reserve(0)
+        return self.layers[0].capacity - 2  # the tail's block and the scratch block past it stay free
+
+    def begin_decode_step(self, real, most_blocks):
+        """Device side of a decoding step, with static shapes: two internal positions per row, the token and, where
+        it completes a block, the landmark; `real` [batch] 0/1 (a padding token adds nothing). No host reads."""
+        block_size = self.block_size
+        start = self.internal_lengths
+        tokens = start - start // block_size
+        completes = tokens % (block_size - 1) == block_size - 2
+        lengths = real.long() * (1 + completes.long())
+        self.chunk = ChunkPositions(start, lengths, most_blocks, longest_tail=block_size - 1, aligned=False)
+
     def end_chunk(self):
-        self.internal_lengths = self.internal_lengths + self.chunk.length
+        self.internal_lengths.add_(self.chunk.length)  # in place: a captured step keeps reading the same tensor
         self.chunk = None
+
+    def buffers(self):
+        """The tensors a captured decoding step reads and writes; it stays valid while none of them moves."""
+        return [self.internal_lengths] + [getattr(layer, name) for layer in self.layers for name in layer.STORES]
 
     def get_seq_length(self, layer_idx=0):
         return self.seen_tokens
@@ -420,10 +488,13 @@ class LandmarkRetrievalCache(Cache):
     def reorder_cache(self, beam_idx):
         super().reorder_cache(beam_idx)
         if self.internal_lengths is not None:
-            self.internal_lengths = self.internal_lengths.index_select(0, beam_idx.to(self.internal_lengths.device))
+            lengths = self.internal_lengths
+            lengths.copy_(lengths.index_select(0, beam_idx.to(lengths.device)))
 
     def batch_select_indices(self, indices):
-        self.reorder_cache(indices)
+        super().batch_select_indices(indices)
+        if self.internal_lengths is not None:
+            self.internal_lengths = self.internal_lengths.index_select(0, indices.to(self.internal_lengths.device))
 
     def batch_repeat_interleave(self, repeats):
         super().batch_repeat_interleave(repeats)
@@ -432,7 +503,7 @@ class LandmarkRetrievalCache(Cache):
 
     def reset(self):
         super().reset()
-        self.internal_lengths, self.seen_tokens, self.chunk = None, 0, None
+        self.internal_lengths, self.longest, self.seen_tokens, self.chunk, self.decode_graph = None, 0, 0, None, None
 
 
 def check_cache_type(cache):

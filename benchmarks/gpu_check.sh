@@ -3,8 +3,9 @@
 #
 #   bash benchmarks/gpu_check.sh OUT_DIR [tests] [bench] [sweep] [tiny]   (no step named: the first three)
 #
-#   tests  the CUDA-marked tests: kernel vs float64 at real sizes, every tile config, determinism, no
-#          recompilation; model-level eager vs Triton (logits and gradients), padding, peak memory
+#   tests  the CUDA-marked tests: kernels vs float64 at real sizes (training form, every tile config, determinism, no
+#          recompilation; the fused retrieval kernel); model-level eager vs Triton (logits and gradients), padding,
+#          peak memory, the retrieval cache and graph-captured decoding against the CPU; $TESTS_FILTER: pytest -k
 #          -> OUT_DIR/tests.log                                                    (about 4.5 min on an H100)
 #   bench  benchmarks/attention.py, 2k-32k, MHA and GQA 32/8, against SDPA flash and cuDNN
 #          -> OUT_DIR/bench/attention.{md,json,png}, OUT_DIR/bench.log             (about 4 min)
@@ -12,6 +13,9 @@
 #          -> OUT_DIR/sweep/tile_sweep.json, OUT_DIR/sweep.log                      (about 1.5 min)
 #   train  benchmarks/train_step.py: a training step of the Llama 3.2 1B shape, stock Llama (SDPA) against
 #          landmark-llama at block 64 and 51, at 16x512, 4x2k, 1x8k -> OUT_DIR/train/, OUT_DIR/train.log (about 3 min)
+#   generate  benchmarks/generate.py: long-prompt generation, landmark-llama's retrieval cache against stock Llama's
+#          dynamic and static+compile caches; options in $GENERATE_OPTIONS (shape, lengths, paths, batch)
+#          -> OUT_DIR/generate/generate-<shape>-<batch>.json, OUT_DIR/generate.log; merge runs with --report
 #   tiny   the shipped model's recipe (train/recipes/tiny_stdlib.sh), landmark and stock baseline trained at once,
 #          then a pass key check of both on the GPU (20 prompts a length) -> OUT_DIR/tiny/, OUT_DIR/tiny.log,
 #          OUT_DIR/tiny-passkey/; recipe options in $TINY_OPTIONS                   (about 6 min on an H200)
@@ -45,8 +49,11 @@ python -c "import torch, triton, transformers; print('torch', torch.__version__,
 status=0
 for step in $steps; do
     case $step in
-        tests) timeout 540 python -m pytest -q -m cuda -rA tests/test_kernels.py tests/test_gpu_model.py 2>&1 \
-                   | tee "$out_dir/tests.log" || status=1 ;;
+        tests) timeout 540 python -m pytest -q -m cuda -rA tests/test_kernels.py tests/test_retrieval_kernel.py \
+                   tests/test_gpu_model.py ${TESTS_FILTER:+-k "$TESTS_FILTER"} 2>&1 | tee "$out_dir/tests.log" \
+                   || status=1 ;;
+        generate) timeout 570 python benchmarks/generate.py --out "$out_dir/generate" ${GENERATE_OPTIONS:-} 2>&1 \
+                   | tee -a "$out_dir/generate.log" || status=1 ;;
         bench) timeout 420 python benchmarks/attention.py --out "$out_dir/bench" 2>&1 | tee "$out_dir/bench.log" \
                    || status=1 ;;
         sweep) timeout 240 python benchmarks/tile_sweep.py --out "$out_dir/sweep" --n 8192 2>&1 \
@@ -65,7 +72,7 @@ for step in $steps; do
                 timeout 240 python -m landmark_llama.tools.perplexity --model "$model" --baseline "$baseline" \
                     ${TINY_STDLIB:+--stdlib "$TINY_STDLIB"} --tokens 131072 --output "$out_dir/perplexity"; } \
                   2>&1 | tee "$out_dir/tiny_eval.log" || status=1 ;;
-        *) echo "unknown step '$step' (tests, bench, sweep, train, tiny, tiny_eval)"; status=2 ;;
+        *) echo "unknown step '$step' (tests, bench, sweep, train, generate, tiny, tiny_eval)"; status=2 ;;
     esac
 done
 exit $status

@@ -273,38 +273,40 @@ def test_generate_from_inputs_embeds_equals_generate_from_ids():
     assert torch.equal(from_embeds, from_ids[:, 50:])  # generate returns only the new tokens for embeddings
 
 
-@pytest.mark.parametrize("granularity, positions", [("chunk", "stingy"), ("chunk", "true"), ("token", "stingy")])
-def test_training_kernel_serves_aligned_chunks_like_the_eager_path(monkeypatch, granularity, positions):
-    """Chunks whose rows share one layout run on the training-form Triton kernel (here under TRITON_INTERPRET) when
-    each head selects once per chunk: logits and greedy tokens equal the eager path's, padded batches too (their
-    chunks are aligned until the shorter row runs out)."""
+@pytest.mark.parametrize("granularity, positions", [("chunk", "true"), ("token", "stingy")])
+def test_kernels_serve_the_retrieval_cache_like_the_eager_path(monkeypatch, granularity, positions):
+    """With the kernels on (here under TRITON_INTERPRET): chunks whose rows share one layout and whose heads select
+    once run on the training-form kernel, the retrieved blocks of every other chunk and decoding step are read by the
+    fused retrieval kernel. Logits and greedy tokens equal the eager path's, padded batches too."""
     import landmark_llama.modeling_landmark_llama as modeling
 
-    model = tiny_landmark_model(train_context_length=64, retrieval_top_k=2)
+    model = tiny_landmark_model(train_context_length=64, retrieval_top_k=2)  # chunks of 40 positions
     settings = dict(retrieval_granularity=granularity, retrieval_positions=positions)
-    ids = random_ids(2, 150)
-    padded, mask, _ = left_padded([150, 131])
+    ids = random_ids(2, 60)
+    padded, mask, _ = left_padded([60, 41])
 
     def run():
         with torch.no_grad():
             logits = model(ids, **{CACHE: LandmarkRetrievalCache(model.config, **settings)}).logits
-            tokens = model.generate(ids, max_new_tokens=10, do_sample=False, **settings)
+            tokens = model.generate(ids, max_new_tokens=6, do_sample=False, **settings)
             cache = LandmarkRetrievalCache(model.config, **settings)
             padded_logits = model(padded, attention_mask=mask, **{CACHE: cache}).logits
         return logits, tokens, padded_logits * mask[..., None]
 
     eager = run()
     calls = []
-    fused = modeling._kernel_chunk_attention
+    training_kernel, retrieval_kernel = modeling._kernel_chunk_attention, modeling.retrieved_block_attention
     monkeypatch.setattr(modeling, "_use_triton", lambda config, query, dropout: True)
     monkeypatch.setattr(modeling, "_kernel_chunk_attention",
-                        lambda *args: calls.append((args[3] is not None, args[0].shape[2])) or fused(*args))
+                        lambda *args: calls.append(("training", args[0].shape[2])) or training_kernel(*args))
+    monkeypatch.setattr(modeling, "retrieved_block_attention",
+                        lambda *args: calls.append(("retrieval", args[0].shape[2])) or retrieval_kernel(*args))
     kernel = run()
     torch.testing.assert_close(kernel[0], eager[0], atol=2e-5, rtol=2e-5)
     assert torch.equal(kernel[1], eager[1])
     torch.testing.assert_close(kernel[2], eager[2], atol=2e-5, rtol=2e-5)
-    # the first chunk (nothing cached) always; later chunks only when heads select per chunk, decoded tokens always
-    # (one query: per token is per chunk)
-    assert any(not with_blocks for with_blocks, _ in calls)
-    widths = {width for with_blocks, width in calls if with_blocks}
-    assert (max(widths) > 2) if granularity == "chunk" else (widths == {1}), widths
+    widths = {kind: {width for name, width in calls if name == kind} for kind in ("training", "retrieval")}
+    assert 40 in widths["training"]  # the first chunk: nothing to retrieve yet
+    assert 2 in widths["retrieval"]  # decoding steps: the token and its landmark slot
+    # the second chunk (28 positions) of the aligned batch: per chunk on the training kernel, per token on the other
+    assert 28 in widths["training" if granularity == "chunk" else "retrieval"]

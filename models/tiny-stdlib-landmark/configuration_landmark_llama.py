@@ -42,6 +42,10 @@ class LandmarkLlamaConfig(LlamaConfig):
         prefill_chunk_length (`int`, *optional*):
             Internal positions (landmarks included) a long prompt is processed in per pass. Default:
             `train_context_length - train_context_length % block_size - (retrieval_top_k + 1) * block_size`.
+        cuda_graphs (`bool`, *optional*, defaults to `True`):
+            Whether decoding steps on CUDA replay a captured CUDA graph of the whole step (one launch instead of
+            thousands). Steps run with static shapes either way; where capture cannot work, plain steps run and the
+            reason is logged once.
         attention_backend (`str`, *optional*, defaults to `"auto"`):
             `"eager"` (plain PyTorch, any device), `"triton"` (the fused kernel, CUDA only) or `"auto"` (the kernel
             on CUDA where it supports the shapes, eager elsewhere). This replaces `attn_implementation`, which
@@ -65,6 +69,7 @@ class LandmarkLlamaConfig(LlamaConfig):
     retrieval_granularity: str = "token"
     retrieval_positions: str = "stingy"
     prefill_chunk_length: int | None = None
+    cuda_graphs: bool = True
     attention_backend: str = "auto"
     use_cache: bool = True
 

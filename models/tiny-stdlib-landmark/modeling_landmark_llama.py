@@ -12,13 +12,14 @@ Parameter names equal stock Llama's, so a Llama state dict loads unchanged (apar
 import os
 import re
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import AttentionInterface, LlamaForCausalLM, LlamaModel, LlamaPreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast
-from transformers.utils import can_return_tuple
+from transformers.utils import can_return_tuple, logging
 
 from .cache_landmark_llama import LandmarkRetrievalCache, apply_rope, check_cache_type
 from .configuration_landmark_llama import LandmarkLlamaConfig
@@ -27,9 +28,12 @@ from .configuration_landmark_llama import LandmarkLlamaConfig
 try:
     from .landmark_attention import MAX_HEAD_DIM as TRITON_MAX_HEAD_DIM
     from .landmark_attention import landmark_attention as landmark_triton_attention
+    from .retrieval_attention import retrieved_block_attention
 except ImportError:  # no Triton (a CPU-only install): the eager path serves every device
-    landmark_triton_attention, TRITON_MAX_HEAD_DIM = None, 0
+    landmark_triton_attention, retrieved_block_attention, TRITON_MAX_HEAD_DIM = None, None, 0
 
+
+logger = logging.get_logger(__name__)
 
 LANDMARK_ATTENTION = "landmark_attention"
 # transformers 5.24 renamed the cache argument and output field `past_key_values` to `cache`; both are served.
@@ -147,7 +151,8 @@ def landmark_retrieval_attention(query, key, value, cache, layer_idx, scaling, u
     query [batch, q_heads, width, head_dim], key and value [batch, kv_heads, width, head_dim], unrotated (the stack
     runs at position 0 while the cache is in use); the chunk is written into `cache.layers[layer_idx]`. Returns
     [batch, width, q_heads, head_dim]. Scores and softmax in fp32; with `use_kernel`, chunks that the training-form
-    kernel can take run there (`_kernel_chunk_attention`).
+    kernel can take run there (`_kernel_chunk_attention`) and the retrieved blocks of the others are read in place
+    by the fused retrieval kernel (`retrieved_block_attention`), whose share merges with the eager local part.
     """
     layer, chunk, block_size = cache.layers[layer_idx], cache.chunk, cache.block_size
     batch, q_heads, width, head_dim = query.shape
@@ -162,7 +167,7 @@ def landmark_retrieval_attention(query, key, value, cache, layer_idx, scaling, u
     block_starts = tail_block_start[:, None] + in_local - in_local % block_size
     local_keys = apply_rope(local_keys, block_starts[:, None], cache.inv_freq)
     retrieved = layer.retrieve(query, chunk, cache.settings, cache.inv_freq, scaling)
-    if use_kernel and chunk.aligned and (retrieved is None or retrieved.keys.shape[2] == 1):
+    if use_kernel and chunk.aligned and (retrieved is None or retrieved.blocks.shape[2] == 1):
         return _kernel_chunk_attention(query, local_keys, local_values, retrieved, chunk, block_size, scaling,
                                        cache.inv_freq)
 
@@ -172,6 +177,16 @@ def landmark_retrieval_attention(query, key, value, cache, layer_idx, scaling, u
     earlier_block, visible = _block_structure(query_coords, local_length // block_size, block_size)
     _gate_blocks(local_scores, earlier_block[:, None, None], block_size)
     local_scores = local_scores.masked_fill_(~visible[:, None, None], float("-inf")).flatten(1, 2)
+    local_values = local_values.float()[:, :, None]
+    if retrieved is not None and use_kernel:  # the retrieved share from the kernel, merged by its log-normaliser
+        retrieved_output, retrieved_lse = retrieved_block_attention(
+            query, layer.keys, layer.values, retrieved.table(), retrieved.starts, cache.inv_freq, scaling
+        )
+        total = torch.logaddexp(torch.logsumexp(local_scores, dim=-1), retrieved_lse)  # local: never all -inf
+        local_weights = torch.exp(local_scores - total[..., None]).unflatten(1, (kv_heads, -1))
+        output = torch.matmul(local_weights, local_values).flatten(1, 2)
+        output = output + retrieved_output * torch.exp(retrieved_lse - total)[..., None]
+        return output.to(value.dtype).transpose(1, 2)
     if retrieved is None:
         scores = local_scores
     else:
@@ -185,7 +200,7 @@ def landmark_retrieval_attention(query, key, value, cache, layer_idx, scaling, u
 
     weights = torch.softmax(scores, dim=-1)
     local_weights = weights[..., -local_length:].unflatten(1, (kv_heads, -1))
-    output = torch.matmul(local_weights, local_values.float()[:, :, None]).flatten(1, 2)
+    output = torch.matmul(local_weights, local_values).flatten(1, 2)
     if retrieved is not None:
         output = output + retrieved.mix(weights[..., :-local_length])
     return output.to(value.dtype).transpose(1, 2)
@@ -201,9 +216,10 @@ def _kernel_chunk_attention(query, local_keys, local_values, retrieved, chunk, b
     keys, values = local_keys[:, :, :local_length], local_values[:, :, :local_length]
     if retrieved is not None:  # one selection per query head: the kv heads are repeated to the query heads
         group = query.shape[1] // keys.shape[1]
-        blocks = apply_rope(retrieved.keys[:, :, 0], retrieved.starts[:, :, 0, :, None], inv_freq)
-        keys = torch.cat([blocks.flatten(2, 3), keys.repeat_interleave(group, 1)], dim=2)
-        values = torch.cat([retrieved.values[:, :, 0].flatten(2, 3), values.repeat_interleave(group, 1)], dim=2)
+        block_keys, block_values = (blocks[:, :, 0] for blocks in retrieved.gathered)
+        block_keys = apply_rope(block_keys, retrieved.starts[:, :, 0, :, None], inv_freq)
+        keys = torch.cat([block_keys.flatten(2, 3), keys.repeat_interleave(group, 1)], dim=2)
+        values = torch.cat([block_values.flatten(2, 3), values.repeat_interleave(group, 1)], dim=2)
     output = landmark_triton_attention(query, keys.to(query.dtype), values.to(query.dtype), block_size,
                                        sm_scale=scaling)
     return output.transpose(1, 2)
@@ -417,26 +433,67 @@ class LandmarkLlamaModel(LandmarkLlamaPreTrainedModel, LlamaModel):
         tokens_seen = None if cache is None else cache.tokens_per_row(batch, inputs_embeds.device)
         _check_default_positions(position_ids, attention_mask, batch, length, tokens_seen)
 
-        layout = LandmarkLayout.build(
-            attention_mask, batch, length, self.config.block_size, inputs_embeds.device, tokens_seen
-        )
-        landmark_embed = self.embed_tokens(torch.tensor([landmark_token_id], device=inputs_embeds.device))
-        internal_embeds = layout.insert(inputs_embeds, landmark_embed)
         kwargs["return_dict"] = True
-        if cache is None:
-            internal_positions = torch.arange(layout.internal_length, device=inputs_embeds.device)[None]
-            outputs = super().forward(
-                inputs_embeds=internal_embeds, position_ids=internal_positions, use_cache=False, **kwargs
-            )
+        if cache is not None:
+            _set_cache_rope(cache, self.rotary_emb)
+        per_layer_outputs = any(kwargs.get(name, getattr(self.config, name, False))
+                                for name in ("output_hidden_states", "output_attentions"))
+        if cache is not None and length == 1 and not per_layer_outputs:  # a decoding step
+            outputs = BaseModelOutputWithPast(last_hidden_state=self._decode_step(inputs_embeds, attention_mask, cache,
+                                                                                  **kwargs))
         else:
-            outputs = self._forward_chunks(internal_embeds, layout.lengths, cache, **kwargs)
+            layout = LandmarkLayout.build(
+                attention_mask, batch, length, self.config.block_size, inputs_embeds.device, tokens_seen
+            )
+            internal_embeds = layout.insert(inputs_embeds, self._landmark_embedding(inputs_embeds.device))
+            if cache is None:
+                internal_positions = torch.arange(layout.internal_length, device=inputs_embeds.device)[None]
+                outputs = super().forward(
+                    inputs_embeds=internal_embeds, position_ids=internal_positions, use_cache=False, **kwargs
+                )
+            else:
+                outputs = self._forward_chunks(internal_embeds, layout.lengths, cache, **kwargs)
+            outputs.last_hidden_state = layout.extract(outputs.last_hidden_state)
+            if outputs.hidden_states is not None:
+                outputs.hidden_states = tuple(layout.extract(states) for states in outputs.hidden_states)
+            # outputs.attentions stay over the internal sequence (landmark positions included).
+        if cache is not None:
             cache.seen_tokens += length
-        outputs.last_hidden_state = layout.extract(outputs.last_hidden_state)
-        if outputs.hidden_states is not None:
-            outputs.hidden_states = tuple(layout.extract(states) for states in outputs.hidden_states)
-        # outputs.attentions stay over the internal sequence (landmark positions included).
         setattr(outputs, _CACHE_FIELD, cache)
         return outputs
+
+    def _landmark_embedding(self, device):
+        """[1, hidden]; the id tensor is filled on the device (no host copy, which a CUDA graph could not hold)."""
+        return self.embed_tokens(torch.full((1,), self.config.landmark_token_id, device=device))
+
+    def _decode_step(self, inputs_embeds, attention_mask, cache, **kwargs):
+        """One new token per row (generate's decoding steps), [batch, 1, hidden] -> [batch, 1, hidden], with static
+        shapes and no host reads, so that on CUDA it replays as a captured graph (`DecodeGraph`)."""
+        batch = inputs_embeds.shape[0]
+        if attention_mask is None:
+            real = torch.ones(batch, dtype=torch.long, device=inputs_embeds.device)
+        else:
+            real = attention_mask[:, 0].long().to(inputs_embeds.device)
+        most_blocks = cache.plan_decode_step()
+        step = partial(self._static_decode_step, cache=cache, most_blocks=most_blocks, **kwargs)
+        if cache.decode_graph is None:
+            cache.decode_graph = DecodeGraph(_graph_blocker(self, cache, inputs_embeds))
+        return cache.decode_graph(step, inputs_embeds, real, cache.buffers())
+
+    def _static_decode_step(self, inputs_embeds, real, cache, most_blocks, **kwargs):
+        """Every row adds two internal positions, its token and a landmark; the landmark counts only where the token
+        completes a block (`LandmarkRetrievalCache.begin_decode_step`), elsewhere it is padding that never enters the
+        cache. Only the token's hidden state is returned (zeros for a padding token, as `LandmarkLayout` gives)."""
+        batch, _, hidden = inputs_embeds.shape
+        landmark = self._landmark_embedding(inputs_embeds.device).to(inputs_embeds.dtype)
+        internal_embeds = torch.cat([inputs_embeds, landmark.expand(batch, 1, hidden)], dim=1)
+        cache.begin_decode_step(real, most_blocks)
+        at_zero = torch.zeros(1, 2, dtype=torch.long, device=inputs_embeds.device)
+        outputs = LlamaModel.forward(
+            self, inputs_embeds=internal_embeds, position_ids=at_zero, use_cache=False, retrieval_cache=cache, **kwargs
+        )
+        cache.end_chunk()
+        return torch.where(real.bool()[:, None, None], outputs.last_hidden_state[:, :1], 0.0)
 
     def _forward_chunks(self, internal_embeds, lengths, cache, **kwargs):
         """The stock stack over [batch, internal positions, hidden] in chunks that continue `cache` row by row.
@@ -448,15 +505,9 @@ class LandmarkLlamaModel(LandmarkLlamaPreTrainedModel, LlamaModel):
             raise NotImplementedError(
                 "output_attentions is not available with the retrieval cache; pass use_cache=False."
             )
-        rope_type = getattr(self.rotary_emb, "rope_type", "default")
-        if rope_type in ("dynamic", "longrope"):
-            raise NotImplementedError(
-                f"rope_type {rope_type!r} rescales RoPE with the sequence length; the retrieval cache rotates blocks "
-                "with fixed frequencies. Use use_cache=False (the training form) with this model."
-            )
-        cache.inv_freq = self.rotary_emb.inv_freq
         chunk_length = cache.settings.prefill_chunk_length
         total = internal_embeds.shape[1]
+        cache.reserve(total)  # the stores are allocated once for the whole input
         last_hidden, hidden_states = [], []
         for begin in range(0, total, chunk_length):
             chunk = internal_embeds[:, begin : begin + chunk_length]
@@ -475,6 +526,76 @@ class LandmarkLlamaModel(LandmarkLlamaPreTrainedModel, LlamaModel):
         if outputs.hidden_states is not None:
             outputs.hidden_states = tuple(torch.cat(per_layer, 1) for per_layer in zip(*hidden_states))
         return outputs
+
+
+def _set_cache_rope(cache, rotary_emb):
+    """The retrieval cache rotates queries and keys itself, with the model's fixed RoPE frequencies."""
+    rope_type = getattr(rotary_emb, "rope_type", "default")
+    if rope_type in ("dynamic", "longrope"):
+        raise NotImplementedError(
+            f"rope_type {rope_type!r} rescales RoPE with the sequence length; the retrieval cache rotates blocks "
+            "with fixed frequencies. Use use_cache=False (the training form) with this model."
+        )
+    cache.inv_freq = rotary_emb.inv_freq
+
+
+def _graph_blocker(model, cache, inputs_embeds):
+    """Why decoding steps cannot be captured as CUDA graphs here, or None. Logged once where the user would expect
+    graphs (CUDA, cuda_graphs on); silent where they are off or the tensors are not on CUDA."""
+    if not cache.settings.cuda_graphs or not inputs_embeds.is_cuda:
+        return "off"
+    if torch.is_grad_enabled():
+        reason = "gradients are enabled (decode under torch.no_grad(), as generate does)"
+    elif any(hasattr(module, "_hf_hook") for module in model.modules()):
+        reason = "accelerate hooks move weights during the forward (device_map offloading)"
+    elif torch.compiler.is_compiling():
+        return "off"  # torch.compile makes its own graphs
+    else:
+        return None
+    logger.warning_once(f"landmark-llama: decoding steps run without CUDA graphs: {reason}.")
+    return reason
+
+
+class DecodeGraph:
+    """The static decoding step of one cache captured as a CUDA graph.
+
+    A step whose buffers have not been seen runs plainly (it warms up Triton's compiler, cuBLAS and the allocator);
+    the next step with the same buffers is captured and then replayed, until a buffer moves (a store grows, the batch
+    changes) and the cycle starts again. With a `blocker` (see `_graph_blocker`), or after a capture fails (logged
+    once), every step runs plainly.
+    """
+
+    def __init__(self, blocker=None):
+        self.blocker = blocker
+        self.graph = self.key = self.warmed = None
+
+    def __call__(self, step, inputs_embeds, real, buffers):
+        if self.blocker is not None:
+            return step(inputs_embeds, real)
+        key = (tuple(inputs_embeds.shape), inputs_embeds.dtype, tuple(t.data_ptr() for t in buffers))
+        if key != self.key:
+            self.graph = None
+            if key != self.warmed:
+                self.warmed = key
+                return step(inputs_embeds, real)
+            try:
+                self._capture(step, inputs_embeds, real)
+            except RuntimeError as error:
+                self.blocker = f"capture failed ({error})"
+                logger.warning_once(f"landmark-llama: decoding steps run without CUDA graphs: {self.blocker}.")
+                return step(inputs_embeds, real)
+            self.key = key
+        self.inputs.copy_(inputs_embeds)
+        self.real.copy_(real)
+        self.graph.replay()
+        return self.output.clone()
+
+    def _capture(self, step, inputs_embeds, real):
+        self.inputs, self.real = inputs_embeds.clone(), real.clone()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # records without running: the replay that follows runs the step
+            self.output = step(self.inputs, self.real)
+        self.graph = graph
 
 
 def _new_token_mask(attention_mask, length, cache):
@@ -532,6 +653,7 @@ class LandmarkLlamaForCausalLM(LandmarkLlamaPreTrainedModel, LlamaForCausalLM):
         retrieval_granularity=None,
         retrieval_positions=None,
         prefill_chunk_length=None,
+        cuda_graphs=None,
         **kwargs,
     ):
         """Stock inputs, and the block-retrieval cache: built at the first step with the retrieval settings given to
@@ -542,6 +664,7 @@ class LandmarkLlamaForCausalLM(LandmarkLlamaPreTrainedModel, LlamaForCausalLM):
             retrieval_granularity=retrieval_granularity,
             retrieval_positions=retrieval_positions,
             prefill_chunk_length=prefill_chunk_length,
+            cuda_graphs=cuda_graphs,
         )
         cache = kwargs.get(_CACHE_FIELD)
         if cache is None and kwargs.get("use_cache") is not False:
