@@ -19,6 +19,9 @@
 # gloo processes (tests/test_train.py::test_fsdp_on_two_processes_matches_one_process).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# importable as landmark_llama without an install (as in gpu_check.sh)
+mkdir -p /tmp/landmark_pkg && ln -sfn "$PWD" /tmp/landmark_pkg/landmark_llama
+export PYTHONPATH=/tmp/landmark_pkg${PYTHONPATH:+:$PYTHONPATH}
 
 OUT=${1:-benchmarks/results/fsdp_two_gpu}
 STEPS=${STEPS:-60}
@@ -52,9 +55,9 @@ FSDP=(--fsdp "full_shard auto_wrap" --fsdp_transformer_layer_cls_to_wrap LlamaDe
 for precision in fp32 bf16; do
     flags=()
     if [ "$precision" = bf16 ]; then flags=(--bf16); fi
-    torchrun --standalone --nproc_per_node 2 -m train.finetune "${COMMON[@]}" "${FSDP[@]}" "${flags[@]}" \
+    torchrun --standalone --nproc_per_node 2 -m landmark_llama.train.finetune "${COMMON[@]}" "${FSDP[@]}" "${flags[@]}" \
         --per_device_train_batch_size 4 --output_dir "$WORK/fsdp_$precision"
-    CUDA_VISIBLE_DEVICES=0 python -m train.finetune "${COMMON[@]}" "${flags[@]}" \
+    CUDA_VISIBLE_DEVICES=0 python -m landmark_llama.train.finetune "${COMMON[@]}" "${flags[@]}" \
         --per_device_train_batch_size 8 --output_dir "$WORK/single_$precision"
 done
 

@@ -1,13 +1,16 @@
 """tools/convert_llama.py on a tiny random stock Llama written to disk."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
+from huggingface_hub.errors import StrictDataclassClassValidationError
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from landmark_llama.tools.convert_llama import convert_llama
+from landmark_llama.tools.convert_llama import convert_llama, main
 from landmark_llama.tools.tiny_llama import build_tiny_llama
 
 
@@ -28,7 +31,7 @@ def test_conversion_adds_tokens_and_keeps_the_stock_model(stock_folder, tmp_path
     assert config["vocab_size"] == len(tokenizer) == len(stock_tokenizer) + 2
     assert sorted(p.name for p in out.glob("*.py")) == [
         "cache_landmark_llama.py", "configuration_landmark_llama.py", "landmark_attention.py",
-        "modeling_landmark_llama.py"]
+        "modeling_landmark_llama.py", "retrieval_attention.py"]
 
     weights = load_file(out / "model.safetensors")
     stock_weights = load_file(stock_folder / "model.safetensors")
@@ -147,3 +150,38 @@ def test_literal_landmark_text_is_never_the_landmark_token(stock_folder, tmp_pat
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     with torch.no_grad():
         model(torch.tensor([ids]))  # the model accepts what its tokenizer makes of the text
+
+
+def test_command_line_errors_print_the_message_alone(stock_folder, tmp_path, capsys):
+    """Issue 16.10: the command printed a traceback; the function still raises."""
+    not_llama = tmp_path / "mistral"
+    not_llama.mkdir()
+    (not_llama / "config.json").write_text(json.dumps({"model_type": "mistral"}))
+    taken = convert_llama(stock_folder, tmp_path / "taken", block_size=6)
+    capsys.readouterr()
+    for argv, message in [
+        ([str(tmp_path / "missing"), str(tmp_path / "out")], "is not a folder"),
+        ([str(not_llama), str(tmp_path / "out")], "not a Llama checkpoint: config.json has model_type='mistral'"),
+        ([str(stock_folder), str(taken)], "already holds a model; pass overwrite=True (--overwrite)"),
+        ([str(stock_folder), str(tmp_path / "out"), "--block_size", "1"], "block_size must be at least 2"),
+    ]:
+        with pytest.raises(SystemExit) as stopped:
+            main(argv)
+        assert stopped.value.code == 1
+        err = capsys.readouterr().err
+        assert err.splitlines()[-1].startswith("error: ") and message in err and "Traceback" not in err
+    with pytest.raises(StrictDataclassClassValidationError, match="block_size must be at least 2"):
+        convert_llama(stock_folder, tmp_path / "out", block_size=1)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_config_error_prints_one_line_not_the_validator_chain(stock_folder, tmp_path):
+    """A value the config refuses raised inside the config's validator: the command shows that error's message."""
+    result = subprocess.run(
+        [sys.executable, "-m", "landmark_llama.tools.convert_llama", str(stock_folder), str(tmp_path / "out"),
+         "--block_size", "1"], capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == (
+        "error: block_size must be at least 2 (one regular token and the landmark), got 1.")
+    assert "Traceback" not in result.stderr and "validation error" not in result.stderr

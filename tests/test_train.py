@@ -1,12 +1,13 @@
 """train/finetune.py end to end on CPU: tiny models, a learnable synthetic corpus, the stock Trainer.
 
-Every run goes through `main(argv)`, the same code `python -m train.finetune` runs. FSDP runs as two CPU processes
-on the gloo backend (there is no GPU here); see `test_fsdp_on_two_processes_matches_one_process`.
+Every run goes through `main(argv)`, the same code `python -m landmark_llama.train.finetune` runs. FSDP runs as two
+CPU processes on the gloo backend (there is no GPU here); see `test_fsdp_on_two_processes_matches_one_process`.
 """
 
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -17,7 +18,8 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
-from transformers import AutoTokenizer, TrainerCallback
+from huggingface_hub.errors import StrictDataclassClassValidationError
+from transformers import AutoTokenizer, GPT2Config, TrainerCallback
 
 from landmark_llama import LandmarkLlamaForCausalLM
 from landmark_llama.tools.convert_llama import convert_llama
@@ -53,14 +55,17 @@ def folders(tmp_path_factory):
     }
 
 
-def run(folders, output_dir, *extra, model="landmark", corpus="corpus"):
-    argv = [
+def arguments(folders, output_dir, *extra, model="landmark", corpus="corpus"):
+    return [
         "--model_name_or_path", str(folders[model]), "--train_file", str(folders[corpus]),
         "--output_dir", str(output_dir), "--per_device_train_batch_size", "4", "--learning_rate", "3e-3",
         "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none", "--use_cpu",
         "--dataloader_num_workers", "0", "--disable_tqdm", "true", "--seed", "0", *extra,
     ]
-    return finetune.main(argv)
+
+
+def run(folders, output_dir, *extra, model="landmark", corpus="corpus"):
+    return finetune.main(arguments(folders, output_dir, *extra, model=model, corpus=corpus))
 
 
 def logged_losses(log_history):
@@ -199,12 +204,25 @@ def folder_without_landmark_token(folders, tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="module")
+def gpt2_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gpt2") / "model"
+    GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(folder)
+    return folder
+
+
 @pytest.mark.parametrize("extra,error,message", [
     (["--train_file", "/nonexistent/corpus.txt"], FileNotFoundError,
      r"--train_file /nonexistent/corpus.txt: no such file. Pass a .txt file"),
     (["--train_context_length", "0"], ValueError, r"--train_context_length must be positive, got 0"),
     (["--train_context_length", "-8"], ValueError, r"--train_context_length must be positive, got -8"),
     (["--block_size", "1"], ValueError, r"block_size must be at least 2"),
+    (["--model_name_or_path", "<stock>", "--block_size", "1"], StrictDataclassClassValidationError,
+     r"block_size must be at least 2"),  # raised inside the config's validator, during the conversion
+    (["--model_name_or_path", "<gpt2>"], ValueError,
+     r"holds a 'gpt2' model; pass a landmark-llama folder or a stock Llama one"),
+    (["--load_best_model_at_end", "--eval_strategy", "steps"], ValueError,
+     r"requires the save and eval strategy to match"),  # TrainingArguments' own check, while parsing
     (["--fsdp", "full_shard auto_wrap", "--fsdp_transformer_layer_cls_to_wrap", "FooLayer"], ValueError,
      r"no module of class FooLayer in the model; the decoder layer class is LlamaDecoderLayer"),
     (["--fsdp", "--fsdp_config", '{"transformer_layer_cls_to_wrap": ["FooLayer"]}'], ValueError,
@@ -212,12 +230,24 @@ def folder_without_landmark_token(folders, tmp_path_factory):
     (["--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer"], ValueError, r"needs --fsdp"),
     (["--model_name_or_path", "<no landmark>"], ValueError,
      r"has no landmark token \(the model's landmark_token_id is 84, the tokenizer has 83 tokens\).*convert_llama"),
-], ids=["missing-file", "context-0", "context-negative", "block-size-1", "fsdp-wrap-class", "fsdp-config-wrap-class",
-        "wrap-class-without-fsdp", "tokenizer-without-landmark"])
-def test_bad_inputs_get_clear_errors(folders, folder_without_landmark_token, tmp_path, extra, error, message):
-    extra = [str(folder_without_landmark_token) if arg == "<no landmark>" else arg for arg in extra]
+], ids=["missing-file", "context-0", "context-negative", "block-size-1", "block-size-1-converting", "not-llama",
+        "training-arguments", "fsdp-wrap-class", "fsdp-config-wrap-class", "wrap-class-without-fsdp",
+        "tokenizer-without-landmark"])
+def test_bad_inputs_get_clear_errors(folders, folder_without_landmark_token, gpt2_folder, tmp_path, capsys, extra,
+                                     error, message):
+    """The functions raise; the command prints the message alone and exits 1 (issue 16.10: it printed tracebacks,
+    a config error under the validator's chain)."""
+    placeholders = {"<no landmark>": folder_without_landmark_token, "<stock>": folders["stock"], "<gpt2>": gpt2_folder}
+    argv = arguments(folders, tmp_path, "--max_steps", "1", *[str(placeholders.get(arg, arg)) for arg in extra])
     with pytest.raises(error, match=message):
-        run(folders, tmp_path, "--max_steps", "1", *extra)
+        finetune.build_trainer(*finetune.parse_arguments(argv))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        finetune.main(argv)
+    assert stopped.value.code == 1
+    err = capsys.readouterr().err
+    assert re.search(f"^error: .*{message}", err, re.MULTILINE)
+    assert "Traceback" not in err and "validation error" not in err
     assert not (tmp_path / "model.safetensors").exists()
 
 
@@ -339,7 +369,7 @@ def test_recipe_options_train_the_tiny_model(folders, tmp_path, recipe):
            "MODEL": str(folders["stock"]), "DATA": str(folders["corpus"]), "OUT": str(tmp_path / "out")}
     subprocess.run(["bash", str(RECIPES / recipe)], env=env, check=True, timeout=60)
     argv = (tmp_path / "argv").read_text().splitlines()
-    argv = argv[argv.index("train.finetune") + 1:]
+    argv = argv[argv.index("landmark_llama.train.finetune") + 1:]
     assert "--block_size" in argv and argv[argv.index("--block_size") + 1] == "51"
 
     scale = ["--max_steps", "2", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",

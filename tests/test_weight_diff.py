@@ -194,3 +194,33 @@ def test_command_line(tmp_path):
         subprocess.run([sys.executable, "-m", "landmark_llama.tools.weight_diff", *map(str, argv)], check=True,
                        capture_output=True, timeout=300)
     assert _weights(tmp_path / "out").keys() == _weights(tuned).keys()
+
+
+def test_command_line_errors_print_the_message_alone(tmp_path, capsys, monkeypatch):
+    """Issue 16.10: the command printed a traceback; the functions still raise (tested above), and an error that is
+    no fault of the input keeps its traceback."""
+    base, tuned = _pair(tmp_path, torch.float32)
+    bf16_base = tmp_path / "bf16-base"
+    LlamaForCausalLM.from_pretrained(base, dtype=torch.bfloat16).save_pretrained(bf16_base)
+    capsys.readouterr()
+    for argv, message in [
+        (["recover", "--base", base, "--diff", tuned, "--out", tmp_path / "out"], "is not a weight diff"),
+        (["make", "--base", tmp_path / "missing", "--tuned", tuned, "--out", tmp_path / "diff"],
+         "has no safetensors weights"),
+        (["make", "--base", bf16_base, "--tuned", tuned, "--out", tmp_path / "diff"],
+         "save the tuned model in the base's dtype"),
+        (["import-paper", "--base", base, "--diff", tuned, "--out", tmp_path / "out"], "not a diff in the paper's"),
+    ]:
+        with pytest.raises(SystemExit) as stopped:
+            weight_diff.main([str(arg) for arg in argv])
+        assert stopped.value.code == 1
+        err = capsys.readouterr().err
+        assert err.splitlines()[-1].startswith("error: ") and message in err and "Traceback" not in err
+    _nothing_half_written(tmp_path / "diff")
+
+    def bug(*args, **kwargs):
+        raise TypeError("unsupported operand")
+
+    monkeypatch.setattr(weight_diff, "make", bug)
+    with pytest.raises(TypeError, match="unsupported operand"):
+        weight_diff.main(["make", "--base", str(base), "--tuned", str(tuned), "--out", str(tmp_path / "diff")])

@@ -1,6 +1,6 @@
 """Turn a stock Llama checkpoint folder into a landmark-llama folder.
 
-    python -m tools.convert_llama path/to/llama path/to/landmark-llama --block_size 64
+    python -m landmark_llama.tools.convert_llama path/to/llama path/to/landmark-llama --block_size 64
 
 Adds `<landmark>` as a special token (and `<pad>` when the tokenizer has no pad token), grows the embeddings with
 new rows set to the mean of the existing ones, and writes config (with `auto_map`), code, tokenizer and
@@ -18,6 +18,7 @@ from tokenizers import AddedToken
 from transformers import AutoTokenizer
 
 from landmark_llama import LandmarkLlamaConfig, LandmarkLlamaForCausalLM
+from landmark_llama.tools.cli import exit_with_message
 from landmark_llama.tools.folders import publish, staging_folder
 
 
@@ -162,7 +163,8 @@ def main(argv=None):
     parser.add_argument("--landmark_token_id", type=int, default=None, help="reuse this existing token id")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier conversion in destination")
     args = parser.parse_args(argv)
-    destination = convert_llama(**vars(args))
+    with exit_with_message():
+        destination = convert_llama(**vars(args))
     print(f"wrote {destination}")
 
 

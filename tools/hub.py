@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 
 from huggingface_hub import HfApi, get_token, snapshot_download
-from huggingface_hub.errors import HfHubHTTPError
 
+from landmark_llama.tools.cli import exit_with_message
 from landmark_llama.tools.folders import check_new_folder, publish, staging_folder
 
 
@@ -49,8 +49,9 @@ def folder_kind(folder):
             return "model"
     raise ValueError(
         f"{folder} is neither a weight diff (no {WEIGHT_DIFF_MANIFEST}) nor a landmark-llama model folder (no "
-        f'config.json with "model_type": "{MODEL_TYPE}"); make a diff with `python -m tools.weight_diff make` or '
-        "convert a Llama checkpoint with `python -m tools.convert_llama` and upload that folder."
+        f'config.json with "model_type": "{MODEL_TYPE}"); make a diff with '
+        "`python -m landmark_llama.tools.weight_diff make` or convert a Llama checkpoint with "
+        "`python -m landmark_llama.tools.convert_llama` and upload that folder."
     )
 
 
@@ -102,15 +103,12 @@ def main(argv=None):
     download_parser.add_argument("--out", required=True, help="new or empty folder to write")
     download_parser.add_argument("--revision", default=None)
     args = parser.parse_args(argv)
-    try:
+    with exit_with_message():  # HfHubHTTPError is an OSError
         if args.command == "upload":
             result = upload(args.folder, args.repo_id, private=args.private, revision=args.revision,
                             commit_message=args.commit_message)
         else:
             result = download(args.repo_id, args.out, revision=args.revision)
-    except (ValueError, OSError, HfHubHTTPError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
     print(result)
     return 0
 

@@ -1,6 +1,6 @@
 """The main job on a default that needs no download: build, convert, save, reload as remote code, run.
 
-    python -m tools.quickstart [--output DIR]
+    python -m landmark_llama.tools.quickstart [--output DIR]
 
 1. writes a tiny random stock Llama checkpoint (tools/tiny_llama.py),
 2. converts it to landmark-llama (tools/convert_llama.py),

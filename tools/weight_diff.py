@@ -1,8 +1,8 @@
 """Weight diffs of a landmark-llama folder against its base checkpoint, for sharing models whose base weights may not
 be redistributed (as the paper released its Llama 7B).
 
-    python -m tools.weight_diff make --base BASE --tuned TUNED --out DIFF
-    python -m tools.weight_diff recover --base BASE --diff DIFF --out TUNED
+    python -m landmark_llama.tools.weight_diff make --base BASE --tuned TUNED --out DIFF
+    python -m landmark_llama.tools.weight_diff recover --base BASE --diff DIFF --out TUNED
 
 `make` writes DIFF: safetensors shards holding, for every tensor the tuned model shares with the base, its
 difference from the base, and whole the tensors (or the added vocabulary rows) the base does not have; config, code
@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
+from landmark_llama.tools.cli import exit_with_message
 from landmark_llama.tools.folders import check_new_folder, publish, staging_folder
 
 
@@ -36,6 +37,10 @@ ADDED_ROWS = ".added_rows"  # suffix of the tensor holding a grown vocabulary's 
 _BIT_VIEWS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 # What a model folder holds besides weights; copied from the tuned folder into the diff and from the diff out.
 _CARRIED = ("*.json", "*.py", "*.model", "*.txt", "*.jinja", "*.tiktoken")
+
+
+class DtypeMismatchError(TypeError):
+    """A base, tuned or diff tensor is not in the dtype the other side needs: the user's files, not a bug."""
 
 
 def _nbytes(dtype, shape):
@@ -193,7 +198,8 @@ Mohtashami & Jaggi 2023) from its base checkpoint, so that the base weights are 
 with the base weights and the landmark-llama package:
 
 ```bash
-python -m tools.weight_diff recover --base path/to/{Path(base).name} --diff path/to/this-folder --out landmark-llama
+python -m landmark_llama.tools.weight_diff recover --base path/to/{Path(base).name} --diff path/to/this-folder \\
+    --out landmark-llama
 ```
 
 then load it with `AutoModelForCausalLM.from_pretrained("landmark-llama", trust_remote_code=True)`.
@@ -224,7 +230,7 @@ def make(base, tuned, out, overwrite=False):
             continue
         base_dtype, base_shape = base_weights.header(name)
         if base_dtype != dtype:
-            raise TypeError(
+            raise DtypeMismatchError(
                 f"tensor {name} is {base_dtype} in the base and {dtype} in the tuned model; save the tuned model in "
                 "the base's dtype (or convert the base) before making a diff."
             )
@@ -302,7 +308,7 @@ def check_base(base, manifest):
         tensor = base_weights.get(name)
         dtype = str(tensor.dtype).removeprefix("torch.")
         if dtype != expected["dtype"]:
-            raise TypeError(
+            raise DtypeMismatchError(
                 f"base tensor {name} is {dtype}, the diff was made against {expected['dtype']}; use the base "
                 f"checkpoint in {expected['dtype']} (as published), not a converted copy."
             )
@@ -328,8 +334,10 @@ def recover(base, diff, out, overwrite=False):
         expected = manifest["tensors"].get(name.removesuffix(ADDED_ROWS), {}).get("dtype")
         dtype, _ = diff_weights.header(name)
         if _dtype_name(dtype) != expected:
-            raise TypeError(f"diff tensor {name} is {_dtype_name(dtype)}, the manifest says {expected}: the diff is "
-                            "corrupt; download it again.")
+            raise DtypeMismatchError(
+                f"diff tensor {name} is {_dtype_name(dtype)}, the manifest says {expected}: the diff is corrupt; "
+                "download it again."
+            )
 
     def recovered(name, entry):
         stored = diff_weights.get(name)
@@ -472,7 +480,9 @@ def main(argv=None):
     paper_parser.add_argument("--overwrite", action="store_true", help="replace an earlier output in --out")
     args = vars(parser.parse_args(argv))
     command = {"make": make, "recover": recover, "import-paper": import_paper}[args.pop("command")]
-    print(f"wrote {command(**args)}")
+    with exit_with_message(DtypeMismatchError):
+        written = command(**args)
+    print(f"wrote {written}")
 
 
 if __name__ == "__main__":

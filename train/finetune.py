@@ -2,13 +2,13 @@
 
 One GPU, LoRA (the landmark's embedding and output rows train with the adapters):
 
-    python -m train.finetune --model_name_or_path path/to/llama --block_size 51 --train_context_length 512 \
-        --train_file data.jsonl --output_dir out/lora --lora_r 16 --merge_lora \
+    python -m landmark_llama.train.finetune --model_name_or_path path/to/llama --block_size 51 \
+        --train_context_length 512 --train_file data.jsonl --output_dir out/lora --lora_r 16 --merge_lora \
         --bf16 --activation_checkpointing --max_steps 1000 --learning_rate 2e-4
 
 Many GPUs, full fine-tuning with FSDP sharding the decoder layers (the paper's run: train/recipes/):
 
-    torchrun --nproc_per_node 8 -m train.finetune --model_name_or_path path/to/llama --block_size 51 \
+    torchrun --nproc_per_node 8 -m landmark_llama.train.finetune --model_name_or_path path/to/llama --block_size 51 \
         --train_file data.jsonl --output_dir out/full --fsdp --fsdp_transformer_layer_cls_to_wrap LlamaDecoderLayer \
         --bf16 ...
 
@@ -20,6 +20,9 @@ Resume: the same command with `--resume_from_checkpoint out/full/checkpoint-2000
 `--block_size`) into `<output_dir>/landmark-llama-init`. Every `TrainingArguments` option works as usual. The
 output folder loads with `AutoModelForCausalLM.from_pretrained(output_dir, trust_remote_code=True)`; with LoRA it
 holds the adapter, and `--merge_lora` writes the merged model to `<output_dir>/merged`.
+
+Bad input (a missing file, a wrong option value, a folder that holds no Llama) ends the command with its message
+and exit status 1; `build_trainer()` raises it.
 """
 
 import logging
@@ -32,7 +35,8 @@ import transformers
 from peft import AutoPeftModelForCausalLM, LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments, set_seed
 
-from landmark_llama import LandmarkLlamaForCausalLM
+from landmark_llama import LandmarkLlamaConfig, LandmarkLlamaForCausalLM
+from landmark_llama.tools.cli import exit_with_message
 from landmark_llama.tools.convert_llama import LANDMARK_TOKEN, PAD_TOKEN, convert_llama
 from landmark_llama.train.data import collate_windows, load_documents, tokenize_and_pack
 
@@ -109,10 +113,23 @@ def _checkpointing_names(argv):
     return renamed
 
 
-def main(argv=None):
-    argv = _checkpointing_names(sys.argv[1:] if argv is None else list(argv))
+def parse_arguments(argv):
+    """The command line `argv` as (ModelArguments, DataArguments, TrainingArguments)."""
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    return parser.parse_args_into_dataclasses(args=_checkpointing_names(argv))
+
+
+def main(argv=None):
+    # Bad input is found before training starts (TrainingArguments checks its values while parsing): its message,
+    # no traceback. An error during training keeps its traceback.
+    with exit_with_message():
+        model_args, data_args, training_args = parse_arguments(sys.argv[1:] if argv is None else list(argv))
+        trainer = build_trainer(model_args, data_args, training_args)
+    return train(trainer, model_args)
+
+
+def build_trainer(model_args, data_args, training_args):
+    """The data read and packed, the model loaded (a stock Llama converted first), in a Trainer ready to train."""
     if data_args.train_context_length is not None and data_args.train_context_length <= 0:
         raise ValueError(
             f"--train_context_length must be positive, got {data_args.train_context_length} (the paper used 512)."
@@ -162,6 +179,13 @@ def main(argv=None):
             f"--fsdp is set, but accelerate runs without FSDP here ({training_args.world_size} process(es) on "
             f"{training_args.device.type}): it shards only across several GPUs."
         )
+    return trainer
+
+
+def train(trainer, model_args):
+    """Train (or resume), save the model, metrics and state, and with --merge_lora the merged model; returns the
+    Trainer."""
+    training_args = trainer.args
     resume = training_args.resume_from_checkpoint
     result = trainer.train(resume_from_checkpoint=True if resume == "last" else resume)
     trainer.save_model()  # a full model folder (under FSDP gathered to a full state dict), or the LoRA adapter
@@ -189,7 +213,13 @@ def load_model_and_tokenizer(model_args, data_args, training_args):
     folder = model_args.model_name_or_path
     overrides = {"block_size": model_args.block_size, "train_context_length": data_args.train_context_length}
     overrides = {name: value for name, value in overrides.items() if value is not None}
-    if AutoConfig.from_pretrained(folder).model_type == "llama":
+    model_type = AutoConfig.from_pretrained(folder).model_type
+    if model_type not in ("llama", LandmarkLlamaConfig.model_type):  # loaded anyway, it would be a default-size Llama
+        raise ValueError(
+            f"--model_name_or_path {folder} holds a {model_type!r} model; pass a landmark-llama folder or a stock "
+            "Llama one (it is converted first)."
+        )
+    if model_type == "llama":
         source, folder = folder, Path(training_args.output_dir) / "landmark-llama-init"
         # Written where the Trainer writes (main process, or each node's with --save_on_each_node), read by all.
         with training_args.main_process_first(local=training_args.save_on_each_node, desc="conversion"):

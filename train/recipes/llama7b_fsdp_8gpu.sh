@@ -18,7 +18,7 @@ cd "$(dirname "$0")/../.."
 : "${DATA:?set DATA to the training text (.txt, .jsonl, or a glob of them)}"
 OUT=${OUT:-out/landmark-llama-7b}
 
-torchrun --nproc_per_node 8 -m train.finetune \
+torchrun --nproc_per_node 8 -m landmark_llama.train.finetune \
     --model_name_or_path "$MODEL" --block_size 51 --train_context_length 512 \
     --train_file "$DATA" --preprocessing_num_workers 32 \
     --output_dir "$OUT" \

@@ -15,7 +15,7 @@ cd "$(dirname "$0")/../.."
 : "${DATA:?set DATA to the training text (.txt, .jsonl, or a glob of them)}"
 OUT=${OUT:-out/landmark-llama-7b-lora}
 
-python -m train.finetune \
+python -m landmark_llama.train.finetune \
     --model_name_or_path "$MODEL" --block_size 51 --train_context_length 512 \
     --train_file "$DATA" --preprocessing_num_workers 16 \
     --output_dir "$OUT" \
