@@ -14,7 +14,7 @@ go to the earlier block.
 (`past_key_values`) or may build one: `LandmarkRetrievalCache(model.config, retrieval_top_k=2)`.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
@@ -39,7 +39,8 @@ class RetrievalSettings:
         before the tail, so no distance exceeds the training context (paper 3.2.1); `"true"`: keys keep their
         positions.
     prefill_chunk_length: internal positions (landmarks included) processed per pass through the stack.
-    cuda_graphs: decoding steps on CUDA replay a captured CUDA graph.
+    cuda_graphs: passes through the stack run with static shapes (decoding steps and prefill chunks) and, on CUDA,
+        replay captured CUDA graphs.
     """
 
     retrieval_top_k: int
@@ -114,20 +115,27 @@ def check_retrieval_settings(
         )
 
 
-def apply_rope(x, positions, inv_freq):
-    """`x` [..., n, head_dim] rotated to the integer `positions` [..., n] (broadcast), as stock Llama's RoPE does it.
+def rope_rotation(positions, inv_freq, dtype):
+    """(cos, sin) [..., n, head_dim] of RoPE at the integer `positions` [..., n], as stock Llama's RoPE makes them."""
+    angles = positions[..., None].float() * inv_freq.float()
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x, positions, inv_freq, rotation=None):
+    """`x` [..., n, head_dim] rotated to the integer `positions` [..., n] (broadcast), or by a precomputed
+    `rotation` (see `rope_rotation`).
 
     The stack runs at position 0 when the cache is in use (the identity rotation), so `x` arrives unrotated and
     already carries the RoPE type's attention scaling; only the rotation is applied here.
     """
-    angles = positions[..., None].float() * inv_freq.float()
-    angles = torch.cat((angles, angles), dim=-1)
-    return x * angles.cos().to(x.dtype) + rotate_half(x) * angles.sin().to(x.dtype)
+    cos, sin = rope_rotation(positions, inv_freq, x.dtype) if rotation is None else rotation
+    return x * cos + rotate_half(x) * sin
 
 
 def top_blocks(scores, k, tie_tolerance=TIE_TOLERANCE):
     """The k highest of `scores` [..., blocks]: (indices [..., k] in block order, picked [..., k]); rows with fewer
-    than k finite scores fill the remaining slots with unpicked ones.
+    than k finite scores leave their last slots unpicked (index 0).
 
     Scores within `tie_tolerance` times the row's largest magnitude of the k-th highest count as equal to it, and the
     earliest of those blocks fill the places left: blocks with the same landmark key (every landmark of layer 0,
@@ -140,10 +148,12 @@ def top_blocks(scores, k, tie_tolerance=TIE_TOLERANCE):
     above = scores > cutoff + margin
     tied = (scores - cutoff).abs() <= margin  # NaN (never true) where both are -inf
     tied &= tied.cumsum(-1) <= k - above.sum(-1, keepdim=True)
-    index = torch.arange(num_blocks, device=scores.device)
-    order = torch.where(above | tied, index, num_blocks + index).topk(k, dim=-1, largest=False).values
-    order = order.sort(dim=-1).values
-    return order % num_blocks, order < num_blocks
+    chosen = above | tied  # at most k a row
+    rank = chosen.cumsum(-1)  # each chosen block goes to slot rank - 1, in block order; the others to a spare slot
+    slots = torch.where(chosen, rank - 1, k)
+    index = torch.arange(num_blocks, device=scores.device).expand_as(slots)
+    indices = slots.new_zeros(*slots.shape[:-1], k + 1).scatter_(-1, slots, index)[..., :k]
+    return indices, torch.arange(k, device=scores.device) < rank[..., -1:]
 
 
 @dataclass
@@ -152,17 +162,22 @@ class ChunkPositions:
 
     start: [batch] internal positions each row held before this chunk (complete blocks = start // block_size).
     length: [batch] new positions of each row in this chunk; slots past it are padding and never enter the cache.
-    most_blocks, longest_tail: the largest complete-block count and tail of the rows, read to the host once per
-        chunk rather than once per layer.
-    aligned: every row starts at the same position and fills the whole chunk (no padding): one layout serves the
-        batch, which the fused kernel needs.
+    most_blocks, longest_tail: bounds of the rows' complete-block count and tail: read to the host once per chunk
+        (`begin_chunk`), or static ones that hold for every pass of a width (`begin_static_pass`).
     """
 
     start: torch.LongTensor
     length: torch.LongTensor
     most_blocks: int
     longest_tail: int
-    aligned: bool = False
+    shared: dict = field(default_factory=dict, repr=False)
+
+    def once(self, name, make):
+        """`make()`, made by the first layer and reused by the others: indices, masks and RoPE rotations depend on
+        the chunk's positions alone (a decoding step then launches them once, not once per layer)."""
+        if name not in self.shared:
+            self.shared[name] = make()
+        return self.shared[name]
 
 
 @dataclass
@@ -277,10 +292,16 @@ class LandmarkCacheLayer(CacheLayerMixin):
         local_blocks = -(-(chunk.longest_tail + width) // block_size)
         self.reserve(chunk.most_blocks + local_blocks)
 
-        rows = torch.arange(batch, device=self.device)[:, None]
-        written = tail_block[:, None] + torch.arange(local_blocks, device=self.device)  # [batch, local_blocks]
-        slots = (tail_length[:, None] + torch.arange(width, device=self.device))[:, None, :, None]
-        key_states = apply_rope(key_states, slots[..., 0] % block_size, inv_freq)
+        def write_positions():
+            rows = torch.arange(batch, device=self.device)[:, None]
+            written = tail_block[:, None] + torch.arange(local_blocks, device=self.device)  # [batch, local_blocks]
+            slots = (tail_length[:, None] + torch.arange(width, device=self.device))[:, None, :, None]
+            return rows, written, slots
+
+        rows, written, slots = chunk.once("write positions", write_positions)
+        rotation = chunk.once(("offset rotation", key_states.dtype),
+                              lambda: rope_rotation(slots[..., 0] % block_size, inv_freq, key_states.dtype))
+        key_states = apply_rope(key_states, None, None, rotation)
         local = []
         for store, states in ((self.keys, key_states), (self.values, value_states)):
             part = store[rows, written].permute(0, 2, 1, 3, 4).flatten(2, 3)  # [batch, kv_heads, positions, dim]
@@ -288,8 +309,10 @@ class LandmarkCacheLayer(CacheLayerMixin):
             store[rows, written] = part.unflatten(2, (local_blocks, block_size)).permute(0, 2, 1, 3, 4)
             local.append(part)
         # landmark keys at their true positions (their block's start on top of their offset), rotated once here
-        landmark_positions = (written * block_size)[:, None]  # [batch, 1, local_blocks]
-        landmarks = apply_rope(local[0][:, :, block_size - 1 :: block_size], landmark_positions, inv_freq)
+        landmark_keys = local[0][:, :, block_size - 1 :: block_size]
+        rotation = chunk.once(("landmark rotation", landmark_keys.dtype),  # to their block's start: [batch, 1, blocks]
+                              lambda: rope_rotation((written * block_size)[:, None], inv_freq, landmark_keys.dtype))
+        landmarks = apply_rope(landmark_keys, None, None, rotation)
         self.landmarks[rows, written] = landmarks.transpose(1, 2)
         return local[0], local[1]
 
@@ -307,9 +330,17 @@ class LandmarkCacheLayer(CacheLayerMixin):
         kv_heads = self.keys.shape[2]
         group = q_heads // kv_heads
         k = min(top_k, num_blocks)
-        row_k = blocks.clamp(max=top_k)  # the paper's min(k, blocks), per row
         stingy = settings.retrieval_positions == "stingy"
-        exists = torch.arange(num_blocks, device=query.device) < blocks[:, None]  # [batch, num_blocks]
+
+        def block_masks():
+            row_k = blocks.clamp(max=top_k)  # the paper's min(k, blocks), per row
+            index = torch.arange(num_blocks, device=query.device)
+            exists = index < blocks[:, None]  # [batch, num_blocks]
+            older = index < (blocks - row_k)[:, None]  # outside the stingy window's k most recent
+            window_start = ((blocks - row_k - 1) * block_size)[:, None, None, None]
+            return row_k, exists, older, window_start
+
+        row_k, exists, older, window_start = chunk.once("block masks", block_masks)
 
         # 1. score every complete block by its landmark key
         grouped_query = query.float().unflatten(1, (kv_heads, group))
@@ -318,18 +349,20 @@ class LandmarkCacheLayer(CacheLayerMixin):
         if stingy:  # the k most recent keep their true positions; older landmarks are all scored at the landmark
             # slot of the window's first block, which starts at W: <q at p, landmark at W + block_size - 1> =
             # <q rotated back by W, landmark rotated by its offset alone>
-            window_start = ((blocks - row_k - 1) * block_size)[:, None, None, None]
-            older_query = apply_rope(grouped_query, -window_start, inv_freq)
+            rotation = chunk.once("window rotation", lambda: rope_rotation(-window_start, inv_freq, torch.float32))
+            older_query = apply_rope(grouped_query, None, None, rotation)
             in_block = self.keys[:, :num_blocks, :, block_size - 1].transpose(1, 2)[:, :, None].float()
-            older = torch.arange(num_blocks, device=query.device) < (blocks - row_k)[:, None]
             older_scores = torch.matmul(older_query, in_block.transpose(-1, -2))
             scores = torch.where(older[:, None, None, None], older_scores, scores)
         scores = scores.flatten(1, 2).mul_(scaling)  # [batch, q_heads, width, blocks]
         scores = scores.masked_fill_(~exists[:, None, None], float("-inf"))
         if settings.retrieval_granularity == "chunk":
-            query_valid = torch.arange(width, device=query.device) < chunk.length[:, None]  # [batch, width]
+            def selecting():  # [batch, 1, width, blocks]: real queries (not padding) and existing blocks
+                query_valid = torch.arange(width, device=query.device) < chunk.length[:, None]  # [batch, width]
+                return exists[:, None, None] & query_valid[:, None, :, None]
+
             probabilities = torch.softmax(scores, dim=-1)  # rows without blocks give NaN: replaced below
-            valid = exists[:, None, None] & query_valid[:, None, :, None]
+            valid = chunk.once("selecting", selecting)
             scores = torch.where(valid, probabilities, float("-inf")).amax(dim=2, keepdim=True)
 
         # 2. the top k in block order; equal scores go to the earlier block
@@ -408,7 +441,8 @@ class LandmarkRetrievalCache(Cache):
         self.longest = 0  # the longest row's internal length, known on the host without a read
         self.seen_tokens = 0
         self.chunk = None  # the ChunkPositions of the pass through the stack in progress
-        self.decode_graph = None  # the model's captured decoding step, tied to this cache's buffers
+        self.step_graphs = {}  # the model's captured passes by kind and width, tied to this cache's buffers
+        self.graph_blocker = None  # why passes cannot be captured here ("off" where graphs are not wanted)
 
     def __repr__(self):
         return f"{type(self).__name__}({self.settings}, layers={len(self.layers)}, tokens={self.seen_tokens})"
@@ -443,41 +477,52 @@ class LandmarkRetrievalCache(Cache):
 
     def begin_chunk(self, lengths, width):
         """Announce a pass through the stack adding `lengths` [batch] internal positions to each row, of `width`
-        at most."""
+        at most; its exact bounds are read to the host."""
         start = self.internal_lengths
-        ragged = (start != start[:1]).any() | (lengths != width).any()
         summary = torch.stack([
-            (start // self.block_size).max(), (start % self.block_size).max(), ragged.long(), (start + lengths).max()
+            (start // self.block_size).max(), (start % self.block_size).max(), (start + lengths).max()
         ])
-        most_blocks, longest_tail, ragged, self.longest = summary.tolist()  # one read to the host per chunk
-        self.chunk = ChunkPositions(start, lengths, most_blocks, longest_tail, aligned=not ragged)
+        most_blocks, longest_tail, self.longest = summary.tolist()  # one read to the host per chunk
+        self.chunk = ChunkPositions(start, lengths, most_blocks, longest_tail)
 
-    def plan_decode_step(self):
-        """Host side of a decoding step (one new token per row), before `begin_decode_step`: the longest row grows
-        by its token and maybe a landmark, and the stores make room for it. Returns the blocks a row may have."""
+    def plan_static_pass(self, width, decoding=False):
+        """Host side of a pass with static shapes (`begin_static_pass`), which reads nothing from the device: the
+        longest row's length, known on the host as a bound, grows by `width` (or, `decoding`, by one token and
+        maybe its landmark), and the stores make room. Returns the static complete-block bound of the pass."""
         block_size = self.block_size
-        tokens = self.longest - self.longest // block_size + 1
-        self.longest = tokens + tokens // (block_size - 1)
-        self.reserve(0)
-        return self.layers[0].capacity - 2  # the tail's block and the scratch block past it stay free
+        local_blocks = -(-(block_size - 1 + width) // block_size)  # the longest tail and the pass
+        needed = self.longest // block_size + local_blocks
+        if decoding:
+            tokens = self.longest - self.longest // block_size + 1
+            self.longest = tokens + tokens // (block_size - 1)
+        else:
+            self.longest += width
+        for layer in self.layers:
+            layer.reserve(needed)
+        return self.layers[0].capacity - local_blocks
 
-    def begin_decode_step(self, real, most_blocks):
-        """Device side of a decoding step, with static shapes: two internal positions per row, the token and, where
-        it completes a block, the landmark; `real` [batch] 0/1 (a padding token adds nothing). No host reads."""
-        block_size = self.block_size
-        start = self.internal_lengths
-        tokens = start - start // block_size
-        completes = tokens % (block_size - 1) == block_size - 2
-        lengths = real.long() * (1 + completes.long())
-        self.chunk = ChunkPositions(start, lengths, most_blocks, longest_tail=block_size - 1, aligned=False)
+    def decoding_lengths(self, real):
+        """Internal positions a decoding step adds to each row: its token (`real` [batch] 0/1: padding adds nothing)
+        and, where the token completes a block, the landmark."""
+        tokens = self.internal_lengths - self.internal_lengths // self.block_size
+        completes = tokens % (self.block_size - 1) == self.block_size - 2
+        return real.long() * (1 + completes.long())
+
+    def begin_static_pass(self, lengths, most_blocks):
+        """Announce a pass adding `lengths` [batch] positions to each row with the static bounds of
+        `plan_static_pass` (every block count up to the capacity, any tail), so that every pass of one width has the
+        same shapes and no host reads: it can be captured as a CUDA graph."""
+        self.chunk = ChunkPositions(self.internal_lengths, lengths, most_blocks, longest_tail=self.block_size - 1)
 
     def end_chunk(self):
         self.internal_lengths.add_(self.chunk.length)  # in place: a captured step keeps reading the same tensor
         self.chunk = None
 
     def buffers(self):
-        """The tensors a captured decoding step reads and writes; it stays valid while none of them moves."""
-        return [self.internal_lengths] + [getattr(layer, name) for layer in self.layers for name in layer.STORES]
+        """The tensors a captured pass reads and writes; it stays valid while none of them moves (a layer's stores
+        appear once the first pass has written them)."""
+        stores = [getattr(layer, name) for layer in self.layers if layer.is_initialized for name in layer.STORES]
+        return [self.internal_lengths] + stores
 
     def get_seq_length(self, layer_idx=0):
         return self.seen_tokens
@@ -503,7 +548,8 @@ class LandmarkRetrievalCache(Cache):
 
     def reset(self):
         super().reset()
-        self.internal_lengths, self.longest, self.seen_tokens, self.chunk, self.decode_graph = None, 0, 0, None, None
+        self.internal_lengths, self.longest, self.seen_tokens, self.chunk = None, 0, 0, None
+        self.step_graphs, self.graph_blocker = {}, None
 
 
 def check_cache_type(cache):
@@ -521,6 +567,7 @@ __all__ = [
     "LandmarkCacheLayer",
     "RetrievalSettings",
     "apply_rope",
+    "rope_rotation",
     "check_cache_type",
     "default_chunk_length",
     "top_blocks",

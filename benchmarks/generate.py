@@ -148,6 +148,38 @@ def run(args):
             record.write_text(json.dumps({"rows": rows}, indent=1))
 
 
+def profile(args):
+    """Where a decoding step's GPU time goes: the kernels of a few plain (not graph-captured) steps of our path after
+    a prompt of the first length, by total CUDA time -> OUT_DIR/profile-<shape>.txt."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from landmark_llama import LandmarkRetrievalCache
+    from landmark_llama.modeling_landmark_llama import _CACHE_FIELD
+
+    _, landmark, _ = build_models(args.shape)
+    prompt = torch.randint(3, SHAPES[args.shape]["vocab_size"], (args.batch, args.lengths[0]), device="cuda")
+    cache = LandmarkRetrievalCache(landmark.config, cuda_graphs=False)
+    steps = 4
+    with torch.no_grad():
+        token = landmark(prompt, **{_CACHE_FIELD: cache}).logits[:, -1:].argmax(-1)
+        token = landmark(token, **{_CACHE_FIELD: cache}).logits[:, -1:].argmax(-1)
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as trace:
+            for _ in range(steps):
+                token = landmark(token, **{_CACHE_FIELD: cache}).logits[:, -1:].argmax(-1)
+            torch.cuda.synchronize()
+    table = trace.key_averages().table(sort_by="cuda_time_total", row_limit=40)
+    kernels = [event for event in trace.events() if event.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(event.device_time for event in kernels) / steps / 1e3
+    summary = (f"{args.shape}, prompt {args.lengths[0]}, batch {args.batch}: {len(kernels) // steps} kernels per "
+               f"decoding step, {busy:.2f} ms of kernel time per step\n")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"profile-{args.shape}.txt").write_text(summary + table)
+    print(summary + table)
+
+
 def report(folders):
     from landmark_llama.tools.report import length_plot
 
@@ -192,9 +224,12 @@ def main():
     parser.add_argument("--paths", nargs="+", choices=list(PATHS), default=list(PATHS))
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--new_tokens", type=int, default=64)
+    parser.add_argument("--profile", action="store_true", help="profile our decoding step instead of timing")
     args = parser.parse_args()
     if args.report:
         report(args.report)
+    elif args.profile and args.out:
+        profile(args)
     elif args.out:
         run(args)
     else:

@@ -194,9 +194,14 @@ def test_graph_captured_decoding_equals_plain_steps_and_the_cpu(backend, granula
         for _ in range(6):
             token = logits[:, -1:].argmax(-1)
             logits = model(token, **{_CACHE_FIELD: cache}).logits
-        assert cache.decode_graph.blocker is None and cache.decode_graph.graph is not None
+        graphs = cache.step_graphs.values()  # prefill chunks of one width and the decoding steps, captured
+        assert len(graphs) >= 2 and all(graph.blocker is None for graph in graphs)
+        assert sum(graph.graph is not None for graph in graphs) >= 2
 
-        bf16_tokens, bf16_scores = _greedy(model.to(torch.bfloat16), ids, mask, **settings)
+        model.to(torch.bfloat16)
+        bf16_tokens, bf16_scores = _greedy(model, ids, mask, **settings)
+        model.config.attention_backend = "eager"
+        bf16_eager_tokens, bf16_eager_scores = _greedy(model, ids, mask, cuda_graphs=False, **settings)
     assert torch.equal(graph_tokens, plain_tokens)
     torch.testing.assert_close(graph_scores, plain_scores, atol=1e-5, rtol=1e-5)
     finite = graph_scores.isfinite()  # the landmark id is suppressed (-inf) at every step
@@ -204,9 +209,13 @@ def test_graph_captured_decoding_equals_plain_steps_and_the_cpu(backend, granula
     print(f"{backend}, {granularity}: GPU graphs vs CPU eager tokens equal {agree:.1%}, score error "
           f"{(graph_scores - cpu_scores)[finite].abs().max().item():.1e}")
     assert torch.equal(graph_tokens, cpu_tokens)
-    same = (bf16_tokens[:, 600:] == graph_tokens[:, 600:]).all(0).long().cumprod(0).sum().item()  # steps before a flip
+    # bf16 noise: bf16 with this path's kernels and graphs strays from fp32 no more than bf16 eager plain steps do,
+    # over the steps before either one's tokens first differ from fp32's
+    equal = (bf16_tokens == graph_tokens) & (bf16_eager_tokens == graph_tokens)
+    same = equal[:, 600:].all(0).long().cumprod(0).sum().item()
     kept = finite[:, :same]
-    error = (bf16_scores[:, :same] - graph_scores[:, :same])[kept].abs().max().item() if same else 0.0
-    scale = graph_scores[:, :same][kept].abs().max().item() if same else 1.0
-    print(f"bf16 (kernels {backend == 'auto'}, graphs): {same} steps equal; score error {error:.2e} of {scale:.2e}")
-    assert same >= 1 and error <= 0.05 * scale
+    error = (bf16_scores[:, :same] - graph_scores[:, :same])[kept].abs().max().item()
+    eager_error = (bf16_eager_scores[:, :same] - graph_scores[:, :same])[kept].abs().max().item()
+    print(f"bf16 (kernels {backend == 'auto'}, graphs) vs fp32: {same} steps equal; score error {error:.2e}, bf16 "
+          f"eager plain steps {eager_error:.2e}")
+    assert same >= 5 and error <= 1.5 * eager_error + 1e-3

@@ -273,15 +273,15 @@ def test_generate_from_inputs_embeds_equals_generate_from_ids():
     assert torch.equal(from_embeds, from_ids[:, 50:])  # generate returns only the new tokens for embeddings
 
 
-@pytest.mark.parametrize("granularity, positions", [("chunk", "true"), ("token", "stingy")])
-def test_kernels_serve_the_retrieval_cache_like_the_eager_path(monkeypatch, granularity, positions):
-    """With the kernels on (here under TRITON_INTERPRET): chunks whose rows share one layout and whose heads select
-    once run on the training-form kernel, the retrieved blocks of every other chunk and decoding step are read by the
-    fused retrieval kernel. Logits and greedy tokens equal the eager path's, padded batches too."""
+@pytest.mark.parametrize("granularity, positions, cuda_graphs", [("chunk", "true", True), ("token", "stingy", False)])
+def test_retrieval_kernel_serves_the_cache_like_the_eager_path(monkeypatch, granularity, positions, cuda_graphs):
+    """With the kernels on (here under TRITON_INTERPRET), every chunk and decoding step runs on the retrieval kernel,
+    which reads the cache in place, in static passes (cuda_graphs on: static bounds, no host reads) and in exact
+    ones: logits and greedy tokens equal the eager path's, padded batches too."""
     import landmark_llama.modeling_landmark_llama as modeling
 
     model = tiny_landmark_model(train_context_length=64, retrieval_top_k=2)  # chunks of 40 positions
-    settings = dict(retrieval_granularity=granularity, retrieval_positions=positions)
+    settings = dict(retrieval_granularity=granularity, retrieval_positions=positions, cuda_graphs=cuda_graphs)
     ids = random_ids(2, 60)
     padded, mask, _ = left_padded([60, 41])
 
@@ -294,19 +294,50 @@ def test_kernels_serve_the_retrieval_cache_like_the_eager_path(monkeypatch, gran
         return logits, tokens, padded_logits * mask[..., None]
 
     eager = run()
-    calls = []
-    training_kernel, retrieval_kernel = modeling._kernel_chunk_attention, modeling.retrieved_block_attention
+    widths = []
+    kernel = modeling.retrieval_triton_attention
     monkeypatch.setattr(modeling, "_use_triton", lambda config, query, dropout: True)
-    monkeypatch.setattr(modeling, "_kernel_chunk_attention",
-                        lambda *args: calls.append(("training", args[0].shape[2])) or training_kernel(*args))
-    monkeypatch.setattr(modeling, "retrieved_block_attention",
-                        lambda *args: calls.append(("retrieval", args[0].shape[2])) or retrieval_kernel(*args))
-    kernel = run()
-    torch.testing.assert_close(kernel[0], eager[0], atol=2e-5, rtol=2e-5)
-    assert torch.equal(kernel[1], eager[1])
-    torch.testing.assert_close(kernel[2], eager[2], atol=2e-5, rtol=2e-5)
-    widths = {kind: {width for name, width in calls if name == kind} for kind in ("training", "retrieval")}
-    assert 40 in widths["training"]  # the first chunk: nothing to retrieve yet
-    assert 2 in widths["retrieval"]  # decoding steps: the token and its landmark slot
-    # the second chunk (28 positions) of the aligned batch: per chunk on the training kernel, per token on the other
-    assert 28 in widths["training" if granularity == "chunk" else "retrieval"]
+    monkeypatch.setattr(modeling, "retrieval_triton_attention",
+                        lambda *args: widths.append(args[0].shape[2]) or kernel(*args))
+    on_kernel = run()
+    torch.testing.assert_close(on_kernel[0], eager[0], atol=2e-5, rtol=2e-5)
+    assert torch.equal(on_kernel[1], eager[1])
+    torch.testing.assert_close(on_kernel[2], eager[2], atol=2e-5, rtol=2e-5)
+    assert {40, 28, 2 if cuda_graphs else 1} <= set(widths)  # both chunks and the decoding steps
+
+
+def test_step_graphs_warm_capture_and_replay_like_plain_passes(monkeypatch):
+    """The CUDA-graph bookkeeping on the CPU, with a stand-in graph whose replay runs the captured pass on its static
+    inputs: a pass whose buffers are new runs plainly, the next is captured and replayed, a store that grows starts
+    the cycle again; the tokens equal those of exact passes (cuda_graphs=False)."""
+    import types
+
+    import landmark_llama.modeling_landmark_llama as modeling
+
+    events = []
+
+    def capture(self, step, inputs, lengths):
+        self.inputs, self.lengths, self.output = inputs.clone(), lengths.clone(), None
+
+        def replay():
+            events.append("replay")
+            result = step(self.inputs, self.lengths)
+            self.output = result if self.output is None else self.output.copy_(result)
+
+        events.append("capture")
+        self.graph = types.SimpleNamespace(replay=replay)
+
+    model = tiny_landmark_model(train_context_length=64, retrieval_top_k=2)
+    prompt = random_ids(2, 200)  # six prefill chunks: five of 40 positions, the first before the stores exist
+    with torch.no_grad():
+        exact = model.generate(prompt, max_new_tokens=300, min_new_tokens=300, do_sample=False, cuda_graphs=False)
+        monkeypatch.setattr(modeling, "_graph_blocker", lambda model, cache, inputs: "none")
+        monkeypatch.setattr(modeling.StepGraph, "_capture", capture)
+        cache = LandmarkRetrievalCache(model.config)
+        graphed = model.generate(prompt, max_new_tokens=300, min_new_tokens=300, do_sample=False, **{CACHE: cache})
+    assert torch.equal(graphed, exact)
+    decoding = cache.step_graphs[("decode", (2, 1, model.config.hidden_size))]
+    prefill = cache.step_graphs[("chunk", (2, 40, model.config.hidden_size))]
+    assert decoding.graph is not None and prefill.graph is not None
+    # 300 tokens outgrow the decoding headroom: the stores grew and the decoding step was captured again
+    assert events.count("capture") == 3 and events.count("replay") > 290

@@ -43,9 +43,10 @@ class LandmarkLlamaConfig(LlamaConfig):
             Internal positions (landmarks included) a long prompt is processed in per pass. Default:
             `train_context_length - train_context_length % block_size - (retrieval_top_k + 1) * block_size`.
         cuda_graphs (`bool`, *optional*, defaults to `True`):
-            Whether decoding steps on CUDA replay a captured CUDA graph of the whole step (one launch instead of
-            thousands). Steps run with static shapes either way; where capture cannot work, plain steps run and the
-            reason is logged once.
+            Whether passes through the stack with the retrieval cache (decoding steps, prefill chunks) run with
+            static shapes and no host reads and, on CUDA, replay captured CUDA graphs (one launch instead of
+            thousands). Where capture cannot work, plain static passes run and the reason is logged once. `False`:
+            every pass runs with the exact shapes of its rows.
         attention_backend (`str`, *optional*, defaults to `"auto"`):
             `"eager"` (plain PyTorch, any device), `"triton"` (the fused kernel, CUDA only) or `"auto"` (the kernel
             on CUDA where it supports the shapes, eager elsewhere). This replaces `attn_implementation`, which

@@ -21,16 +21,16 @@ from transformers import AttentionInterface, LlamaForCausalLM, LlamaModel, Llama
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.utils import can_return_tuple, logging
 
-from .cache_landmark_llama import LandmarkRetrievalCache, apply_rope, check_cache_type
+from .cache_landmark_llama import LandmarkRetrievalCache, apply_rope, check_cache_type, rope_rotation
 from .configuration_landmark_llama import LandmarkLlamaConfig
 
 
 try:
     from .landmark_attention import MAX_HEAD_DIM as TRITON_MAX_HEAD_DIM
     from .landmark_attention import landmark_attention as landmark_triton_attention
-    from .retrieval_attention import retrieved_block_attention
+    from .retrieval_attention import retrieval_attention as retrieval_triton_attention
 except ImportError:  # no Triton (a CPU-only install): the eager path serves every device
-    landmark_triton_attention, retrieved_block_attention, TRITON_MAX_HEAD_DIM = None, None, 0
+    landmark_triton_attention, retrieval_triton_attention, TRITON_MAX_HEAD_DIM = None, None, 0
 
 
 logger = logging.get_logger(__name__)
@@ -150,43 +150,44 @@ def landmark_retrieval_attention(query, key, value, cache, layer_idx, scaling, u
 
     query [batch, q_heads, width, head_dim], key and value [batch, kv_heads, width, head_dim], unrotated (the stack
     runs at position 0 while the cache is in use); the chunk is written into `cache.layers[layer_idx]`. Returns
-    [batch, width, q_heads, head_dim]. Scores and softmax in fp32; with `use_kernel`, chunks that the training-form
-    kernel can take run there (`_kernel_chunk_attention`) and the retrieved blocks of the others are read in place
-    by the fused retrieval kernel (`retrieved_block_attention`), whose share merges with the eager local part.
+    [batch, width, q_heads, head_dim]. Scores and softmax in fp32; with `use_kernel`, the attention runs on the
+    retrieval kernel, which reads the retrieved blocks and [tail | chunk] straight from the cache
+    (`retrieval_triton_attention`); the selection stays here.
     """
     layer, chunk, block_size = cache.layers[layer_idx], cache.chunk, cache.block_size
     batch, q_heads, width, head_dim = query.shape
     kv_heads = key.shape[1]
     offsets = torch.arange(width, device=query.device)
-    query = apply_rope(query, (chunk.start[:, None] + offsets)[:, None], cache.inv_freq)
+    rotation = chunk.once(("query rotation", query.dtype), lambda: rope_rotation(
+        (chunk.start[:, None] + offsets)[:, None], cache.inv_freq, query.dtype))
+    query = apply_rope(query, None, None, rotation)
     local_keys, local_values = layer.update(key, value, chunk, cache.inv_freq)
-    local_length = local_keys.shape[2]
-    tail_block_start = chunk.start - chunk.start % block_size
-    # the cache keeps keys rotated by their offset in the block: the rotation by the block's start completes them
-    in_local = torch.arange(local_length, device=query.device)
-    block_starts = tail_block_start[:, None] + in_local - in_local % block_size
-    local_keys = apply_rope(local_keys, block_starts[:, None], cache.inv_freq)
     retrieved = layer.retrieve(query, chunk, cache.settings, cache.inv_freq, scaling)
-    if use_kernel and chunk.aligned and (retrieved is None or retrieved.blocks.shape[2] == 1):
-        return _kernel_chunk_attention(query, local_keys, local_values, retrieved, chunk, block_size, scaling,
-                                       cache.inv_freq)
+    if use_kernel:
+        if retrieved is None:  # nothing to retrieve yet: an empty table
+            table = starts = torch.full((batch, q_heads, 1, 1), -1, dtype=torch.long, device=query.device)
+        else:
+            table, starts = retrieved.table(), retrieved.starts
+        output = retrieval_triton_attention(query, layer.keys, layer.values, table, starts, chunk.start,
+                                            cache.inv_freq, scaling)
+        return output.transpose(1, 2)
 
+    local_length = local_keys.shape[2]
+
+    def block_start_rotation():  # the cache keeps keys rotated by their offset: the block's start completes them
+        in_local = torch.arange(local_length, device=query.device)
+        block_starts = chunk.start[:, None] - chunk.start[:, None] % block_size + in_local - in_local % block_size
+        return rope_rotation(block_starts[:, None], cache.inv_freq, local_keys.dtype)
+
+    local_keys = apply_rope(local_keys, None, None, chunk.once(("block start rotation", local_keys.dtype),
+                                                               block_start_rotation))
     grouped_query = query.float().unflatten(1, (kv_heads, q_heads // kv_heads))
     local_scores = torch.matmul(grouped_query, local_keys.float()[:, :, None].transpose(-1, -2)).mul_(scaling)
-    query_coords = (chunk.start % block_size)[:, None] + offsets  # positions within [tail | chunk]
-    earlier_block, visible = _block_structure(query_coords, local_length // block_size, block_size)
+    earlier_block, visible = chunk.once("local structure", lambda: _block_structure(  # positions in [tail | chunk]
+        (chunk.start % block_size)[:, None] + offsets, local_length // block_size, block_size))
     _gate_blocks(local_scores, earlier_block[:, None, None], block_size)
     local_scores = local_scores.masked_fill_(~visible[:, None, None], float("-inf")).flatten(1, 2)
     local_values = local_values.float()[:, :, None]
-    if retrieved is not None and use_kernel:  # the retrieved share from the kernel, merged by its log-normaliser
-        retrieved_output, retrieved_lse = retrieved_block_attention(
-            query, layer.keys, layer.values, retrieved.table(), retrieved.starts, cache.inv_freq, scaling
-        )
-        total = torch.logaddexp(torch.logsumexp(local_scores, dim=-1), retrieved_lse)  # local: never all -inf
-        local_weights = torch.exp(local_scores - total[..., None]).unflatten(1, (kv_heads, -1))
-        output = torch.matmul(local_weights, local_values).flatten(1, 2)
-        output = output + retrieved_output * torch.exp(retrieved_lse - total)[..., None]
-        return output.to(value.dtype).transpose(1, 2)
     if retrieved is None:
         scores = local_scores
     else:
@@ -204,25 +205,6 @@ def landmark_retrieval_attention(query, key, value, cache, layer_idx, scaling, u
     if retrieved is not None:
         output = output + retrieved.mix(weights[..., :-local_length])
     return output.to(value.dtype).transpose(1, 2)
-
-
-def _kernel_chunk_attention(query, local_keys, local_values, retrieved, chunk, block_size, scaling, inv_freq):
-    """A chunk's retrieval attention on the training-form kernel. When the rows share one layout and each head selects
-    its blocks once for the chunk (or there is nothing to select yet), [retrieved blocks | tail | chunk] is a
-    training-form sequence: the retrieved blocks, rotated to their assigned positions, are whole blocks before the
-    tail's, their landmarks gate as the cache's do, and the chunk's queries are its last positions."""
-    width = query.shape[2]
-    local_length = chunk.longest_tail + width
-    keys, values = local_keys[:, :, :local_length], local_values[:, :, :local_length]
-    if retrieved is not None:  # one selection per query head: the kv heads are repeated to the query heads
-        group = query.shape[1] // keys.shape[1]
-        block_keys, block_values = (blocks[:, :, 0] for blocks in retrieved.gathered)
-        block_keys = apply_rope(block_keys, retrieved.starts[:, :, 0, :, None], inv_freq)
-        keys = torch.cat([block_keys.flatten(2, 3), keys.repeat_interleave(group, 1)], dim=2)
-        values = torch.cat([block_values.flatten(2, 3), values.repeat_interleave(group, 1)], dim=2)
-    output = landmark_triton_attention(query, keys.to(query.dtype), values.to(query.dtype), block_size,
-                                       sm_scale=scaling)
-    return output.transpose(1, 2)
 
 
 def _use_triton(config, query, dropout):
@@ -438,7 +420,8 @@ class LandmarkLlamaModel(LandmarkLlamaPreTrainedModel, LlamaModel):
             _set_cache_rope(cache, self.rotary_emb)
         per_layer_outputs = any(kwargs.get(name, getattr(self.config, name, False))
                                 for name in ("output_hidden_states", "output_attentions"))
-        if cache is not None and length == 1 and not per_layer_outputs:  # a decoding step
+        static = cache is not None and cache.settings.cuda_graphs and not per_layer_outputs
+        if static and length == 1:  # a decoding step
             outputs = BaseModelOutputWithPast(last_hidden_state=self._decode_step(inputs_embeds, attention_mask, cache,
                                                                                   **kwargs))
         else:
@@ -452,7 +435,7 @@ class LandmarkLlamaModel(LandmarkLlamaPreTrainedModel, LlamaModel):
                     inputs_embeds=internal_embeds, position_ids=internal_positions, use_cache=False, **kwargs
                 )
             else:
-                outputs = self._forward_chunks(internal_embeds, layout.lengths, cache, **kwargs)
+                outputs = self._forward_chunks(internal_embeds, layout.lengths, cache, static, **kwargs)
             outputs.last_hidden_state = layout.extract(outputs.last_hidden_state)
             if outputs.hidden_states is not None:
                 outputs.hidden_states = tuple(layout.extract(states) for states in outputs.hidden_states)
@@ -467,39 +450,52 @@ class LandmarkLlamaModel(LandmarkLlamaPreTrainedModel, LlamaModel):
         return self.embed_tokens(torch.full((1,), self.config.landmark_token_id, device=device))
 
     def _decode_step(self, inputs_embeds, attention_mask, cache, **kwargs):
-        """One new token per row (generate's decoding steps), [batch, 1, hidden] -> [batch, 1, hidden], with static
-        shapes and no host reads, so that on CUDA it replays as a captured graph (`DecodeGraph`)."""
-        batch = inputs_embeds.shape[0]
+        """One new token per row (generate's decoding steps), [batch, 1, hidden] -> [batch, 1, hidden], as a static
+        pass of two internal positions: every row adds its token and a landmark, which counts only where the token
+        completes a block (elsewhere it is padding that never enters the cache). Only the token's hidden state is
+        returned (zeros for a padding token, as `LandmarkLayout` gives)."""
+        batch, _, hidden = inputs_embeds.shape
         if attention_mask is None:
             real = torch.ones(batch, dtype=torch.long, device=inputs_embeds.device)
         else:
             real = attention_mask[:, 0].long().to(inputs_embeds.device)
-        most_blocks = cache.plan_decode_step()
-        step = partial(self._static_decode_step, cache=cache, most_blocks=most_blocks, **kwargs)
-        if cache.decode_graph is None:
-            cache.decode_graph = DecodeGraph(_graph_blocker(self, cache, inputs_embeds))
-        return cache.decode_graph(step, inputs_embeds, real, cache.buffers())
+        most_blocks = cache.plan_static_pass(2, decoding=True)
 
-    def _static_decode_step(self, inputs_embeds, real, cache, most_blocks, **kwargs):
-        """Every row adds two internal positions, its token and a landmark; the landmark counts only where the token
-        completes a block (`LandmarkRetrievalCache.begin_decode_step`), elsewhere it is padding that never enters the
-        cache. Only the token's hidden state is returned (zeros for a padding token, as `LandmarkLayout` gives)."""
-        batch, _, hidden = inputs_embeds.shape
-        landmark = self._landmark_embedding(inputs_embeds.device).to(inputs_embeds.dtype)
-        internal_embeds = torch.cat([inputs_embeds, landmark.expand(batch, 1, hidden)], dim=1)
-        cache.begin_decode_step(real, most_blocks)
-        at_zero = torch.zeros(1, 2, dtype=torch.long, device=inputs_embeds.device)
+        def step(inputs_embeds, real):
+            landmark = self._landmark_embedding(inputs_embeds.device).to(inputs_embeds.dtype)
+            internal_embeds = torch.cat([inputs_embeds, landmark.expand(batch, 1, hidden)], dim=1)
+            states = self._static_pass(internal_embeds, cache.decoding_lengths(real), cache, most_blocks, **kwargs)
+            return torch.where(real.bool()[:, None, None], states[:, :1], 0.0)
+
+        return self._step_graph(cache, "decode", inputs_embeds)(step, inputs_embeds, real, cache.buffers())
+
+    def _static_pass(self, internal_embeds, lengths, cache, most_blocks, **kwargs):
+        """The stock stack over [batch, width, hidden] internal positions adding `lengths` [batch] to each row, with
+        static shapes and no host reads (`LandmarkRetrievalCache.begin_static_pass`): what a CUDA graph captures."""
+        cache.begin_static_pass(lengths, most_blocks)
+        at_zero = torch.zeros(1, internal_embeds.shape[1], dtype=torch.long, device=internal_embeds.device)
         outputs = LlamaModel.forward(
             self, inputs_embeds=internal_embeds, position_ids=at_zero, use_cache=False, retrieval_cache=cache, **kwargs
         )
         cache.end_chunk()
-        return torch.where(real.bool()[:, None, None], outputs.last_hidden_state[:, :1], 0.0)
+        return outputs.last_hidden_state
 
-    def _forward_chunks(self, internal_embeds, lengths, cache, **kwargs):
+    def _step_graph(self, cache, kind, inputs_embeds):
+        """The cache's `StepGraph` for passes of this kind and shape."""
+        if cache.graph_blocker is None:
+            cache.graph_blocker = _graph_blocker(self, cache, inputs_embeds)
+        key = (kind, tuple(inputs_embeds.shape))
+        if key not in cache.step_graphs:
+            cache.step_graphs[key] = StepGraph(None if cache.graph_blocker == "none" else cache.graph_blocker)
+        return cache.step_graphs[key]
+
+    def _forward_chunks(self, internal_embeds, lengths, cache, static, **kwargs):
         """The stock stack over [batch, internal positions, hidden] in chunks that continue `cache` row by row.
 
         The stack runs at position 0 (RoPE is the identity there): the retrieval attention rotates queries and keys
-        itself, to the positions each chunk's retrieval assigns them. Returns the stitched stack output.
+        itself, to the positions each chunk's retrieval assigns them. `static`: passes with static bounds, replayed
+        from CUDA graphs where they can be (`_static_pass`), else with the exact bounds read per chunk. Returns the
+        stitched stack output.
         """
         if kwargs.get("output_attentions"):
             raise NotImplementedError(
@@ -507,12 +503,18 @@ class LandmarkLlamaModel(LandmarkLlamaPreTrainedModel, LlamaModel):
             )
         chunk_length = cache.settings.prefill_chunk_length
         total = internal_embeds.shape[1]
-        cache.reserve(total)  # the stores are allocated once for the whole input
+        cache.reserve(total + chunk_length)  # the stores are allocated once for the whole input
         last_hidden, hidden_states = [], []
         for begin in range(0, total, chunk_length):
             chunk = internal_embeds[:, begin : begin + chunk_length]
             width = chunk.shape[1]
-            cache.begin_chunk((lengths - begin).clamp(0, width), width)
+            chunk_lengths = (lengths - begin).clamp(0, width)
+            if static:  # no host reads: the chunks of one width replay one captured graph
+                step = partial(self._static_pass, cache=cache, most_blocks=cache.plan_static_pass(width), **kwargs)
+                graph = self._step_graph(cache, "chunk", chunk)
+                last_hidden.append(graph(step, chunk, chunk_lengths, cache.buffers()))
+                continue
+            cache.begin_chunk(chunk_lengths, width)
             at_zero = torch.zeros(1, width, dtype=torch.long, device=chunk.device)
             outputs = LlamaModel.forward(
                 self, inputs_embeds=chunk, position_ids=at_zero, use_cache=False, retrieval_cache=cache, **kwargs
@@ -522,6 +524,8 @@ class LandmarkLlamaModel(LandmarkLlamaPreTrainedModel, LlamaModel):
             hidden_states.append(outputs.hidden_states)
         if not last_hidden:  # every new token was padding
             return BaseModelOutputWithPast(last_hidden_state=internal_embeds)
+        if static:
+            return BaseModelOutputWithPast(last_hidden_state=torch.cat(last_hidden, 1))
         outputs.last_hidden_state = torch.cat(last_hidden, 1)
         if outputs.hidden_states is not None:
             outputs.hidden_states = tuple(torch.cat(per_layer, 1) for per_layer in zip(*hidden_states))
@@ -540,61 +544,60 @@ def _set_cache_rope(cache, rotary_emb):
 
 
 def _graph_blocker(model, cache, inputs_embeds):
-    """Why decoding steps cannot be captured as CUDA graphs here, or None. Logged once where the user would expect
-    graphs (CUDA, cuda_graphs on); silent where they are off or the tensors are not on CUDA."""
-    if not cache.settings.cuda_graphs or not inputs_embeds.is_cuda:
-        return "off"
+    """Why passes cannot be captured as CUDA graphs here: "none" where they can, "off" where they are not wanted
+    (cuda_graphs off, tensors not on CUDA), or the reason, logged once."""
+    if not cache.settings.cuda_graphs or not inputs_embeds.is_cuda or torch.compiler.is_compiling():
+        return "off"  # (torch.compile makes its own graphs)
     if torch.is_grad_enabled():
         reason = "gradients are enabled (decode under torch.no_grad(), as generate does)"
     elif any(hasattr(module, "_hf_hook") for module in model.modules()):
         reason = "accelerate hooks move weights during the forward (device_map offloading)"
-    elif torch.compiler.is_compiling():
-        return "off"  # torch.compile makes its own graphs
     else:
-        return None
-    logger.warning_once(f"landmark-llama: decoding steps run without CUDA graphs: {reason}.")
+        return "none"
+    logger.warning_once(f"landmark-llama: passes through the stack run without CUDA graphs: {reason}.")
     return reason
 
 
-class DecodeGraph:
-    """The static decoding step of one cache captured as a CUDA graph.
+class StepGraph:
+    """One kind of static pass (a decoding step, or prefill chunks of one width) of one cache, captured as a CUDA
+    graph.
 
-    A step whose buffers have not been seen runs plainly (it warms up Triton's compiler, cuBLAS and the allocator);
-    the next step with the same buffers is captured and then replayed, until a buffer moves (a store grows, the batch
+    A pass whose buffers have not been seen runs plainly (it warms up Triton's compiler, cuBLAS and the allocator);
+    the next pass with the same buffers is captured and then replayed, until a buffer moves (a store grows, the batch
     changes) and the cycle starts again. With a `blocker` (see `_graph_blocker`), or after a capture fails (logged
-    once), every step runs plainly.
+    once), every pass runs plainly.
     """
 
     def __init__(self, blocker=None):
         self.blocker = blocker
         self.graph = self.key = self.warmed = None
 
-    def __call__(self, step, inputs_embeds, real, buffers):
+    def __call__(self, step, inputs, lengths, buffers):
         if self.blocker is not None:
-            return step(inputs_embeds, real)
-        key = (tuple(inputs_embeds.shape), inputs_embeds.dtype, tuple(t.data_ptr() for t in buffers))
+            return step(inputs, lengths)
+        key = tuple(t.data_ptr() for t in buffers)
         if key != self.key:
             self.graph = None
             if key != self.warmed:
                 self.warmed = key
-                return step(inputs_embeds, real)
+                return step(inputs, lengths)
             try:
-                self._capture(step, inputs_embeds, real)
+                self._capture(step, inputs, lengths)
             except RuntimeError as error:
                 self.blocker = f"capture failed ({error})"
-                logger.warning_once(f"landmark-llama: decoding steps run without CUDA graphs: {self.blocker}.")
-                return step(inputs_embeds, real)
+                logger.warning_once(f"landmark-llama: passes run without CUDA graphs: {self.blocker}.")
+                return step(inputs, lengths)
             self.key = key
-        self.inputs.copy_(inputs_embeds)
-        self.real.copy_(real)
+        self.inputs.copy_(inputs)
+        self.lengths.copy_(lengths)
         self.graph.replay()
         return self.output.clone()
 
-    def _capture(self, step, inputs_embeds, real):
-        self.inputs, self.real = inputs_embeds.clone(), real.clone()
+    def _capture(self, step, inputs, lengths):
+        self.inputs, self.lengths = inputs.clone(), lengths.clone()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):  # records without running: the replay that follows runs the step
-            self.output = step(self.inputs, self.real)
+        with torch.cuda.graph(graph):  # records without running: the replay that follows runs the pass
+            self.output = step(self.inputs, self.lengths)
         self.graph = graph
 
 
