@@ -280,18 +280,23 @@ def test_retrieval_kernel_serves_the_cache_like_the_eager_path(monkeypatch, gran
     ones: logits and greedy tokens equal the eager path's, padded batches too."""
     import landmark_llama.modeling_landmark_llama as modeling
 
-    model = tiny_landmark_model(train_context_length=64, retrieval_top_k=2)  # chunks of 40 positions
+    # two query heads over one key/value head (the interpreter's time grows with heads); chunks of 40 positions
+    model = tiny_landmark_model(train_context_length=64, retrieval_top_k=2, hidden_size=32, intermediate_size=64,
+                                num_attention_heads=2, num_key_value_heads=1)
     settings = dict(retrieval_granularity=granularity, retrieval_positions=positions, cuda_graphs=cuda_graphs)
-    ids = random_ids(2, 60)
+    ids = random_ids(1, 60)
     padded, mask, _ = left_padded([60, 41])
 
     def run():
         with torch.no_grad():
-            logits = model(ids, **{CACHE: LandmarkRetrievalCache(model.config, **settings)}).logits
-            tokens = model.generate(ids, max_new_tokens=6, do_sample=False, **settings)
+            cache = LandmarkRetrievalCache(model.config, **settings)
+            steps = [model(ids, **{CACHE: cache}).logits]
+            for _ in range(3):  # decoding steps continuing the same cache
+                steps.append(model(steps[-1][:, -1:].argmax(-1), **{CACHE: cache}).logits)
             cache = LandmarkRetrievalCache(model.config, **settings)
             padded_logits = model(padded, attention_mask=mask, **{CACHE: cache}).logits
-        return logits, tokens, padded_logits * mask[..., None]
+        tokens = torch.cat([step[:, -1].argmax(-1) for step in steps])
+        return torch.cat(steps, 1), tokens, padded_logits * mask[..., None]
 
     eager = run()
     widths = []
