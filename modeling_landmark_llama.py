@@ -473,12 +473,17 @@ class LandmarkLlamaModel(LandmarkLlamaPreTrainedModel, LlamaModel):
         """The stock stack over [batch, width, hidden] internal positions adding `lengths` [batch] to each row, with
         static shapes and no host reads (`LandmarkRetrievalCache.begin_static_pass`): what a CUDA graph captures."""
         cache.begin_static_pass(lengths, most_blocks)
+        return self._stack_pass(internal_embeds, cache, **kwargs).last_hidden_state
+
+    def _stack_pass(self, internal_embeds, cache, **kwargs):
+        """The stock stack over the pass the cache has begun, at position 0 (RoPE is the identity there: the retrieval
+        attention rotates queries and keys itself); ends the pass. Returns the stack's output."""
         at_zero = torch.zeros(1, internal_embeds.shape[1], dtype=torch.long, device=internal_embeds.device)
         outputs = LlamaModel.forward(
             self, inputs_embeds=internal_embeds, position_ids=at_zero, use_cache=False, retrieval_cache=cache, **kwargs
         )
         cache.end_chunk()
-        return outputs.last_hidden_state
+        return outputs
 
     def _step_graph(self, cache, kind, inputs_embeds):
         """The cache's `StepGraph` for passes of this kind and shape."""
@@ -515,11 +520,7 @@ class LandmarkLlamaModel(LandmarkLlamaPreTrainedModel, LlamaModel):
                 last_hidden.append(graph(step, chunk, chunk_lengths, cache.buffers()))
                 continue
             cache.begin_chunk(chunk_lengths, width)
-            at_zero = torch.zeros(1, width, dtype=torch.long, device=chunk.device)
-            outputs = LlamaModel.forward(
-                self, inputs_embeds=chunk, position_ids=at_zero, use_cache=False, retrieval_cache=cache, **kwargs
-            )
-            cache.end_chunk()
+            outputs = self._stack_pass(chunk, cache, **kwargs)
             last_hidden.append(outputs.last_hidden_state)
             hidden_states.append(outputs.hidden_states)
         if not last_hidden:  # every new token was padding
