@@ -14,6 +14,7 @@ go to the earlier block.
 (`past_key_values`) or may build one: `LandmarkRetrievalCache(model.config, retrieval_top_k=2)`.
 """
 
+import weakref
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -24,8 +25,15 @@ from transformers.models.llama.modeling_llama import rotate_half
 from .configuration_landmark_llama import RETRIEVAL_GRANULARITIES, RETRIEVAL_POSITIONS, check_choice
 
 
+try:  # the device-side block copies of the offloaded cache; the CPU copies with PyTorch
+    from .kernels.block_copy import copy_blocks as copy_blocks_triton
+except ImportError:
+    copy_blocks_triton = None
+
+
 TIE_TOLERANCE = 1e-5  # relative: scores this close are equal (see `top_blocks`)
 DECODE_HEADROOM_BLOCKS = 32  # blocks planned past each forward's positions, so that decoding rarely grows a store
+OFFLOAD_SLOTS_PER_PICK = 4  # device slots of an offloaded layer per block a key/value head's queries pick at once
 
 
 @dataclass(frozen=True)
@@ -41,6 +49,7 @@ class RetrievalSettings:
     prefill_chunk_length: internal positions (landmarks included) processed per pass through the stack.
     cuda_graphs: passes through the stack run with static shapes (decoding steps and prefill chunks) and, on CUDA,
         replay captured CUDA graphs.
+    offload_to_cpu: keys and values of complete blocks live in host memory (`OffloadedCacheLayer`).
     """
 
     retrieval_top_k: int
@@ -48,6 +57,7 @@ class RetrievalSettings:
     retrieval_positions: str
     prefill_chunk_length: int
     cuda_graphs: bool
+    offload_to_cpu: bool
 
     @classmethod
     def resolve(cls, config, **overrides):
@@ -82,11 +92,12 @@ def default_chunk_length(block_size, train_context_length, retrieval_top_k, retr
 
 def check_retrieval_settings(
     block_size, train_context_length, retrieval_top_k, retrieval_granularity, retrieval_positions,
-    prefill_chunk_length, cuda_graphs=True,
+    prefill_chunk_length, cuda_graphs=True, offload_to_cpu=False,
 ):
     """Raise a ValueError naming the fix for settings the retrieval cache cannot run with."""
-    if not isinstance(cuda_graphs, bool):
-        raise ValueError(f"cuda_graphs must be True or False, got {cuda_graphs!r}.")
+    for name, flag in (("cuda_graphs", cuda_graphs), ("offload_to_cpu", offload_to_cpu)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be True or False, got {flag!r}.")
     if isinstance(retrieval_top_k, bool) or not isinstance(retrieval_top_k, int) or retrieval_top_k < 1:
         raise ValueError(f"retrieval_top_k must be an integer of at least 1, got {retrieval_top_k!r}.")
     check_choice("retrieval_granularity", retrieval_granularity, RETRIEVAL_GRANULARITIES)
@@ -164,12 +175,14 @@ class ChunkPositions:
     length: [batch] new positions of each row in this chunk; slots past it are padding and never enter the cache.
     most_blocks, longest_tail: bounds of the rows' complete-block count and tail: read to the host once per chunk
         (`begin_chunk`), or static ones that hold for every pass of a width (`begin_static_pass`).
+    index: [] the number of passes before this one (on the device).
     """
 
     start: torch.LongTensor
     length: torch.LongTensor
     most_blocks: int
     longest_tail: int
+    index: torch.LongTensor
     shared: dict = field(default_factory=dict, repr=False)
 
     def once(self, name, make):
@@ -242,13 +255,27 @@ class LandmarkCacheLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
     is_sliding = False
-    STORES = ("keys", "values", "landmarks")
+    STORES = ("keys", "values", "landmarks")  # every tensor of the layer, batch first
+    GROWING = STORES  # those with one entry per block (dim 1), which grow with the capacity
 
     def __init__(self, block_size):
         super().__init__()
         self.block_size = block_size
         self.landmarks = None
         self.planned_blocks = 0
+
+    @property
+    def local_keys(self):
+        """Where [tail | chunk] is written and read in full: block c of a row at index c % local_keys.shape[1]."""
+        return self.keys
+
+    @property
+    def local_values(self):
+        return self.values
+
+    def in_block_landmarks(self, num_blocks):
+        """[batch, num_blocks, kv_heads, head_dim] landmark keys rotated by their offset in the block alone."""
+        return self.keys[:, :num_blocks, :, self.block_size - 1]
 
     def lazy_initialization(self, key_states, value_states):
         batch, kv_heads, _, head_dim = key_states.shape
@@ -273,9 +300,15 @@ class LandmarkCacheLayer(CacheLayerMixin):
         if blocks <= capacity:
             return
         grow = max(blocks, capacity + capacity // 4) - capacity
-        for name in self.STORES:
+        for name in self.GROWING:
             store = getattr(self, name)
-            setattr(self, name, torch.cat([store, store.new_zeros(store.shape[0], grow, *store.shape[2:])], 1))
+            grown = self.new_store(name, (store.shape[0], capacity + grow, *store.shape[2:]), store)
+            grown[:, :capacity].copy_(store)
+            setattr(self, name, grown)
+
+    def new_store(self, name, shape, like):
+        """A store of `shape` for the tensor `name`, allocated like the tensor `like` (growth keeps its place)."""
+        return like.new_zeros(shape)
 
     def update(self, key_states, value_states, chunk, inv_freq):
         """Write the chunk's keys and values [batch, kv_heads, width, head_dim] behind each row's tail.
@@ -299,14 +332,19 @@ class LandmarkCacheLayer(CacheLayerMixin):
             return rows, written, slots
 
         rows, written, slots = chunk.once("write positions", write_positions)
+        ring = self.local_keys.shape[1]
+        if local_blocks > ring:
+            raise ValueError(f"a pass of {width} positions spans {local_blocks} blocks; this cache's ring of recent "
+                             f"blocks holds {ring} (sized for chunks of its prefill_chunk_length).")
+        local_index = chunk.once(("local index", ring), lambda: written % ring)
         rotation = chunk.once(("offset rotation", key_states.dtype),
                               lambda: rope_rotation(slots[..., 0] % block_size, inv_freq, key_states.dtype))
         key_states = apply_rope(key_states, None, None, rotation)
         local = []
-        for store, states in ((self.keys, key_states), (self.values, value_states)):
-            part = store[rows, written].permute(0, 2, 1, 3, 4).flatten(2, 3)  # [batch, kv_heads, positions, dim]
+        for store, states in ((self.local_keys, key_states), (self.local_values, value_states)):
+            part = store[rows, local_index].permute(0, 2, 1, 3, 4).flatten(2, 3)  # [batch, kv_heads, positions, dim]
             part = part.scatter(2, slots.expand(batch, kv_heads, width, states.shape[-1]), states.to(store.dtype))
-            store[rows, written] = part.unflatten(2, (local_blocks, block_size)).permute(0, 2, 1, 3, 4)
+            store[rows, local_index] = part.unflatten(2, (local_blocks, block_size)).permute(0, 2, 1, 3, 4)
             local.append(part)
         # landmark keys at their true positions (their block's start on top of their offset), rotated once here
         landmark_keys = local[0][:, :, block_size - 1 :: block_size]
@@ -314,7 +352,12 @@ class LandmarkCacheLayer(CacheLayerMixin):
                               lambda: rope_rotation((written * block_size)[:, None], inv_freq, landmark_keys.dtype))
         landmarks = apply_rope(landmark_keys, None, None, rotation)
         self.landmarks[rows, written] = landmarks.transpose(1, 2)
+        self.written(chunk, rows, written, local_index, landmark_keys)
         return local[0], local[1]
+
+    def written(self, chunk, rows, written, local_index, landmark_keys):
+        """Called after `update` wrote the blocks `written` [batch, local_blocks] (at `local_index` of the local
+        store) and their landmark keys, rotated by offset, [batch, kv_heads, local_blocks, head_dim]."""
 
     def retrieve(self, query, chunk, settings, inv_freq, scaling):
         """Select blocks for the chunk's queries [batch, q_heads, width, head_dim] (rotated to their true positions).
@@ -351,7 +394,7 @@ class LandmarkCacheLayer(CacheLayerMixin):
             # <q rotated back by W, landmark rotated by its offset alone>
             rotation = chunk.once("window rotation", lambda: rope_rotation(-window_start, inv_freq, torch.float32))
             older_query = apply_rope(grouped_query, None, None, rotation)
-            in_block = self.keys[:, :num_blocks, :, block_size - 1].transpose(1, 2)[:, :, None].float()
+            in_block = self.in_block_landmarks(num_blocks).transpose(1, 2)[:, :, None].float()
             older_scores = torch.matmul(older_query, in_block.transpose(-1, -2))
             scores = torch.where(older[:, None, None, None], older_scores, scores)
         scores = scores.flatten(1, 2).mul_(scaling)  # [batch, q_heads, width, blocks]
@@ -377,7 +420,11 @@ class LandmarkCacheLayer(CacheLayerMixin):
         else:
             block_start = selected * block_size
 
-        return RetrievedBlocks(selected, valid, block_start, self.keys, self.values)
+        return self.retrieved(selected, valid, block_start, chunk)
+
+    def retrieved(self, selected, valid, starts, chunk):
+        """The `RetrievedBlocks` of a selection: here read straight from the store."""
+        return RetrievedBlocks(selected, valid, starts, self.keys, self.values)
 
     def get_seq_length(self):
         raise NotImplementedError("LandmarkRetrievalCache.get_seq_length counts input tokens for the whole cache.")
@@ -393,20 +440,26 @@ class LandmarkCacheLayer(CacheLayerMixin):
         if self.is_initialized:
             for name in self.STORES:
                 store = getattr(self, name)
-                store.copy_(store.index_select(0, beam_idx.to(self.device)))
+                store.copy_(store.index_select(0, beam_idx.to(store.device)))
 
     def batch_select_indices(self, indices):
-        if self.is_initialized:
-            for name in self.STORES:
-                setattr(self, name, getattr(self, name).index_select(0, indices.to(self.device)))
+        self._rebuild_rows(lambda store: store.index_select(0, indices.to(store.device)))
 
     def batch_repeat_interleave(self, repeats):
+        self._rebuild_rows(lambda store: store.repeat_interleave(repeats, dim=0))
+
+    def _rebuild_rows(self, make):
+        """Every store replaced by `make(store)` (other rows), allocated as the store was."""
         if self.is_initialized:
             for name in self.STORES:
-                setattr(self, name, getattr(self, name).repeat_interleave(repeats, dim=0))
+                rows = make(getattr(self, name))
+                store = self.new_store(name, rows.shape, getattr(self, name))
+                store.copy_(rows)
+                setattr(self, name, store)
 
     def reset(self):
-        self.keys = self.values = self.landmarks = None
+        for name in self.STORES:
+            setattr(self, name, None)
         self.is_initialized = False
         self.planned_blocks = 0
 
@@ -417,13 +470,190 @@ class LandmarkCacheLayer(CacheLayerMixin):
         )
 
 
+def host_empty(shape, dtype, pin):
+    """An uninitialised host tensor; `pin`: page-locked and mapped into the GPU's address space, so that copies run
+    asynchronously and kernels read it in place. Registered in place (`cudaHostRegister`) rather than taken from
+    PyTorch's pinned allocator, which rounds every size up to a power of two (up to twice an offloaded cache)."""
+    tensor = torch.empty(shape, dtype=dtype)
+    if pin and tensor.numel():
+        cudart, pointer = torch.cuda.cudart(), tensor.data_ptr()
+        torch.cuda.check_error(cudart.cudaHostRegister(pointer, tensor.numel() * tensor.element_size(), 3))
+        weakref.finalize(tensor, cudart.cudaHostUnregister, pointer)  # (portable | mapped) runs before the free
+    return tensor
+
+
+def copy_blocks(src, dst, src_blocks, dst_blocks):
+    """dst[b, dst_blocks[b, h, p], h] = src[b, src_blocks[b, h, p], h] where src_blocks is not -1: by the Triton
+    kernel on CUDA (device indices, pinned host memory read or written in place), by indexing on the CPU."""
+    if src_blocks.is_cuda:
+        if copy_blocks_triton is None:
+            raise RuntimeError("offload_to_cpu on CUDA needs Triton (pip install triton) for its block copies.")
+        copy_blocks_triton(src, dst, src_blocks, dst_blocks)
+        return
+    row, head, pair = torch.nonzero(src_blocks >= 0, as_tuple=True)
+    dst[row, dst_blocks[row, head, pair], head] = src[row, src_blocks[row, head, pair], head]
+
+
+class BlockStager:
+    """The complete blocks of one offloaded layer copied to the device for a prefill chunk, whose queries may select
+    any of them. Two device buffers: on CUDA, while a layer computes, the next layer's blocks travel on a side stream
+    into the other (`stage`), so that the transfers overlap the compute."""
+
+    def __init__(self, layers):
+        self.layers = layers
+        self.buffers = [None, None]  # (keys, values) each
+        self.ready = [None, None]  # CUDA events: the copy into the buffer is done
+        self.staged = [None, None]  # (layer index, blocks) each buffer holds in this pass
+        self.stream = None
+
+    def stage(self, index, blocks):
+        """(keys, values) [batch, blocks, kv_heads, block_size, head_dim] on the device: the first `blocks` blocks of
+        layer `index`; starts the copy of the next layer's."""
+        slot = index % 2
+        if self.staged[slot] != (index, blocks):
+            self._copy(index, blocks)
+        if self.ready[slot] is not None:
+            torch.cuda.current_stream().wait_event(self.ready[slot])
+        if index + 1 < len(self.layers):
+            self._copy(index + 1, blocks)
+        keys, values = self.buffers[slot]
+        return keys[:, :blocks], values[:, :blocks]
+
+    def _copy(self, index, blocks):
+        layer, slot = self.layers[index], index % 2
+        if self.buffers[slot] is None or self.buffers[slot][0].shape != layer.keys.shape:
+            self.buffers[slot] = tuple(torch.empty(layer.keys.shape, dtype=layer.dtype, device=layer.device)
+                                       for _ in range(2))
+        if layer.device.type != "cuda":
+            for buffer, store in zip(self.buffers[slot], (layer.keys, layer.values)):
+                buffer[:, :blocks].copy_(store[:, :blocks])
+        else:
+            self.stream = self.stream or torch.cuda.Stream(layer.device)
+            self.stream.wait_stream(torch.cuda.current_stream())  # the blocks' writes and the buffer's last reads
+            with torch.cuda.stream(self.stream):
+                for buffer, store in zip(self.buffers[slot], (layer.keys, layer.values)):
+                    buffer.record_stream(self.stream)
+                    for row in range(store.shape[0]):  # contiguous rows: one asynchronous copy each
+                        buffer[row, :blocks].copy_(store[row, :blocks], non_blocking=True)
+                self.ready[slot] = torch.cuda.Event()
+                self.ready[slot].record(self.stream)
+        self.staged[slot] = (index, blocks)
+
+    def end_pass(self):
+        """Blocks change between passes (a pass completes blocks, beams reorder rows): nothing staged carries over."""
+        self.staged = [None, None]
+
+
+class OffloadedCacheLayer(LandmarkCacheLayer):
+    """A layer whose keys and values live in host memory (pinned where the model is on CUDA): `keys`, `values`
+    [batch, capacity, kv_heads, block_size, head_dim], each block written once, when it completes (never a copy of
+    the whole cache). On the device stay the landmark keys (`landmarks`, and `block_landmarks` rotated by offset
+    alone), a ring of the recent blocks each pass writes and reads in full ([tail | chunk], `ring_keys`,
+    `ring_values`: block c at c % ring), and the blocks retrieved by recent passes: `slot_keys`, `slot_values`
+    [batch, slots, kv_heads, block_size, head_dim], `slot_blocks` [batch, kv_heads, slots] (the block each slot
+    holds, -1 for none) and `slot_used` (the pass that last read it).
+
+    A pass whose selections fit the slots (a decoding step, or a chunk with `"chunk"` granularity) keeps the blocks
+    it picked that are already held and fetches the others into the least recently used slots (`fetch`), all on the
+    device, so a captured CUDA graph can hold it; a prefill chunk whose queries select blocks of their own reads the
+    layer's complete blocks through the cache's `BlockStager`.
+    """
+
+    STORES = ("keys", "values", "landmarks", "block_landmarks", "ring_keys", "ring_values", "slot_keys",
+              "slot_values", "slot_blocks", "slot_used")
+    GROWING = ("keys", "values", "landmarks", "block_landmarks")
+    HOST = ("keys", "values")
+
+    def __init__(self, block_size, ring_blocks, slots, stager, index):
+        super().__init__(block_size)
+        self.ring_blocks, self.slots, self.stager, self.index = ring_blocks, slots, stager, index
+
+    def lazy_initialization(self, key_states, value_states):
+        batch, kv_heads, _, head_dim = key_states.shape
+        self.dtype, self.device = key_states.dtype, key_states.device
+        blocks, block = (batch, self.planned_blocks, kv_heads, self.block_size, head_dim), key_states.new_zeros
+        self.keys, self.values = (self.new_store(name, blocks, key_states) for name in self.HOST)
+        self.landmarks = block(batch, self.planned_blocks, kv_heads, head_dim)
+        self.block_landmarks = torch.zeros_like(self.landmarks)
+        self.ring_keys, self.ring_values = (block(batch, self.ring_blocks, *blocks[2:]) for _ in range(2))
+        self.slot_keys, self.slot_values = (block(batch, self.slots, *blocks[2:]) for _ in range(2))
+        self.slot_blocks = torch.full((batch, kv_heads, self.slots), -1, dtype=torch.long, device=self.device)
+        self.slot_used = torch.full_like(self.slot_blocks, -1)
+        self.is_initialized = True
+
+    def new_store(self, name, shape, like):
+        if name in self.HOST:
+            return host_empty(shape, like.dtype, pin=self.device.type == "cuda")
+        return super().new_store(name, shape, like)
+
+    @property
+    def local_keys(self):
+        return self.ring_keys
+
+    @property
+    def local_values(self):
+        return self.ring_values
+
+    def in_block_landmarks(self, num_blocks):
+        return self.block_landmarks[:, :num_blocks]
+
+    def written(self, chunk, rows, written, local_index, landmark_keys):
+        """Blocks that this pass completes go to host memory; their landmark keys by offset stay on the device."""
+        self.block_landmarks[rows, written] = landmark_keys.transpose(1, 2)
+
+        def completed():  # [batch, kv_heads, local_blocks] ring index of each completed block (-1 others), block
+            done = written < ((chunk.start + chunk.length) // self.block_size)[:, None]
+            heads = self.keys.shape[2]
+            return (torch.where(done, local_index, -1)[:, None].expand(-1, heads, -1),
+                    written[:, None].expand(-1, heads, -1))
+
+        source, target = chunk.once("completed blocks", completed)
+        copy_blocks(self.ring_keys, self.keys, source, target)
+        copy_blocks(self.ring_values, self.values, source, target)
+
+    def retrieved(self, selected, valid, starts, chunk):
+        batch, q_heads, retrievers, k = selected.shape
+        if q_heads // self.keys.shape[2] * retrievers * k <= self.slots:
+            return self.fetch(selected, valid, starts, chunk)
+        keys, values = self.stager.stage(self.index, chunk.most_blocks)
+        return RetrievedBlocks(selected, valid, starts, keys, values)
+
+    def fetch(self, selected, valid, starts, chunk):
+        """The selected blocks [batch, q_heads, retrievers, k] read from the slots; those not held are copied from
+        host memory into the slots least recently used (and not wanted now). Static shapes, no host reads."""
+        batch, q_heads, retrievers, k = selected.shape
+        kv_heads, slots = self.keys.shape[2], self.slots
+        if retrievers > 1:  # per-token selections of padding queries fetch nothing
+            real = torch.arange(retrievers, device=self.device) < chunk.length[:, None]
+            valid = valid & real[:, None, :, None]
+        wanted = torch.where(valid, selected, -1).reshape(batch, kv_heads, -1)  # a key/value head's query heads
+        wanted_count = wanted.shape[-1]
+        held = (wanted[..., :, None] == self.slot_blocks[..., None, :]) & (wanted >= 0)[..., None]  # [.., want, slot]
+        hit = held.any(-1)
+        first = (wanted[..., :, None] == wanted[..., None, :]).long().argmax(-1)  # first entry wanting that block
+        new = (first == torch.arange(wanted_count, device=self.device)) & ~hit & (wanted >= 0)  # one fetch a block
+        free = torch.where(held.any(-2), torch.iinfo(torch.long).max, self.slot_used)
+        victims = free.argsort(dim=-1, stable=True)  # slots not wanted now, least recently used (or never) first
+        victim = victims.gather(-1, (new.long().cumsum(-1) - 1).clamp(min=0))
+        slot = torch.where(hit, held.long().argmax(-1), victim.gather(-1, first))
+        spare = torch.full((batch, kv_heads, 1), -1, dtype=torch.long, device=self.device)
+        stamp = chunk.index.expand_as(slot)
+        for store, index, value in ((self.slot_blocks, torch.where(new, victim, slots), wanted),
+                                    (self.slot_used, torch.where(wanted >= 0, slot, slots), stamp)):
+            store.copy_(torch.cat([store, spare], -1).scatter_(-1, index, value)[..., :slots])  # in place for graphs
+        source = torch.where(new, wanted, -1)
+        copy_blocks(self.keys, self.slot_keys, source, victim)
+        copy_blocks(self.values, self.slot_values, source, victim)
+        return RetrievedBlocks(slot.reshape(selected.shape), valid, starts, self.slot_keys, self.slot_values)
+
+
 class LandmarkRetrievalCache(Cache):
     """The block-retrieval cache of a landmark-llama model: one `LandmarkCacheLayer` per decoder layer.
 
     Args:
         config (`LandmarkLlamaConfig`): the model's config; block size, context length and defaults come from it.
-        retrieval_top_k, retrieval_granularity, retrieval_positions, prefill_chunk_length, cuda_graphs: override the
-            config field of the same name (see `RetrievalSettings`).
+        retrieval_top_k, retrieval_granularity, retrieval_positions, prefill_chunk_length, cuda_graphs,
+            offload_to_cpu: override the config field of the same name (see `RetrievalSettings`).
 
     `get_seq_length()` counts the input tokens processed (columns of `input_ids`, padding included), which is what
     `generate` slices new tokens by; each row's own length in internal positions is `internal_lengths`.
@@ -435,9 +665,20 @@ class LandmarkRetrievalCache(Cache):
                 "config.landmark_token_id is not set; convert the checkpoint with tools/convert_llama.py."
             )
         self.settings = RetrievalSettings.resolve(config, **settings)
-        self.block_size = config.block_size
-        super().__init__(layers=[LandmarkCacheLayer(config.block_size) for _ in range(config.num_hidden_layers)])
+        self.block_size = block_size = config.block_size
+        if self.settings.offload_to_cpu:
+            widest = max(self.settings.prefill_chunk_length, 2)  # a prefill chunk, or a decoding step
+            group = config.num_attention_heads // (config.num_key_value_heads or config.num_attention_heads)
+            slots = OFFLOAD_SLOTS_PER_PICK * group * self.settings.retrieval_top_k
+            layers = []
+            self.stager = BlockStager(layers)
+            layers += [OffloadedCacheLayer(block_size, -(-(block_size - 1 + widest) // block_size), slots,
+                                           self.stager, index) for index in range(config.num_hidden_layers)]
+        else:
+            layers, self.stager = [LandmarkCacheLayer(block_size) for _ in range(config.num_hidden_layers)], None
+        super().__init__(layers=layers)
         self.internal_lengths = None  # [batch] internal positions (landmarks included) of each row
+        self.passes = None  # [] passes through the stack so far, on the device
         self.longest = 0  # the longest row's internal length, known on the host without a read
         self.seen_tokens = 0
         self.chunk = None  # the ChunkPositions of the pass through the stack in progress
@@ -461,6 +702,7 @@ class LandmarkRetrievalCache(Cache):
         """[batch] user tokens each row holds (padding excluded); checks the batch matches the cache."""
         if self.internal_lengths is None:
             self.internal_lengths = torch.zeros(batch, dtype=torch.long, device=device)
+            self.passes = torch.zeros((), dtype=torch.long, device=device)
         if self.internal_lengths.shape[0] != batch:
             raise ValueError(
                 f"the cache holds {self.internal_lengths.shape[0]} rows but the input has {batch}; use one cache per "
@@ -483,7 +725,7 @@ class LandmarkRetrievalCache(Cache):
             (start // self.block_size).max(), (start % self.block_size).max(), (start + lengths).max()
         ])
         most_blocks, longest_tail, self.longest = summary.tolist()  # one read to the host per chunk
-        self.chunk = ChunkPositions(start, lengths, most_blocks, longest_tail)
+        self.chunk = ChunkPositions(start, lengths, most_blocks, longest_tail, self.passes)
 
     def plan_static_pass(self, width, decoding=False):
         """Host side of a pass with static shapes (`begin_static_pass`), which reads nothing from the device: the
@@ -512,17 +754,26 @@ class LandmarkRetrievalCache(Cache):
         """Announce a pass adding `lengths` [batch] positions to each row with the static bounds of
         `plan_static_pass` (every block count up to the capacity, any tail), so that every pass of one width has the
         same shapes and no host reads: it can be captured as a CUDA graph."""
-        self.chunk = ChunkPositions(self.internal_lengths, lengths, most_blocks, longest_tail=self.block_size - 1)
+        self.chunk = ChunkPositions(self.internal_lengths, lengths, most_blocks, self.block_size - 1, self.passes)
 
     def end_chunk(self):
         self.internal_lengths.add_(self.chunk.length)  # in place: a captured step keeps reading the same tensor
+        self.passes.add_(1)
         self.chunk = None
+        if self.stager is not None:
+            self.stager.end_pass()
 
     def buffers(self):
         """The tensors a captured pass reads and writes; it stays valid while none of them moves (a layer's stores
         appear once the first pass has written them)."""
         stores = [getattr(layer, name) for layer in self.layers if layer.is_initialized for name in layer.STORES]
-        return [self.internal_lengths] + stores
+        return [self.internal_lengths, self.passes] + stores
+
+    def stages_blocks(self, width):
+        """Whether passes of `width` positions read offloaded blocks through the stager: their bounds must then be
+        exact (a static pass would copy the whole planned capacity)."""
+        retrievers = 1 if self.settings.retrieval_granularity == "chunk" else width
+        return self.settings.offload_to_cpu and retrievers > OFFLOAD_SLOTS_PER_PICK
 
     def get_seq_length(self, layer_idx=0):
         return self.seen_tokens
@@ -548,7 +799,7 @@ class LandmarkRetrievalCache(Cache):
 
     def reset(self):
         super().reset()
-        self.internal_lengths, self.longest, self.seen_tokens, self.chunk = None, 0, 0, None
+        self.internal_lengths, self.passes, self.longest, self.seen_tokens, self.chunk = None, None, 0, 0, None
         self.step_graphs, self.graph_blocker = {}, None
 
 
@@ -565,6 +816,7 @@ def check_cache_type(cache):
 __all__ = [
     "LandmarkRetrievalCache",
     "LandmarkCacheLayer",
+    "OffloadedCacheLayer",
     "RetrievalSettings",
     "apply_rope",
     "rope_rotation",

@@ -47,6 +47,11 @@ class LandmarkLlamaConfig(LlamaConfig):
             static shapes and no host reads and, on CUDA, replay captured CUDA graphs (one launch instead of
             thousands). Where capture cannot work, plain static passes run and the reason is logged once. `False`:
             every pass runs with the exact shapes of its rows.
+        offload_to_cpu (`bool`, *optional*, defaults to `False`):
+            Whether the retrieval cache keeps the keys and values of complete blocks in host memory (pinned on CUDA),
+            each block copied once, when it completes. The landmark keys, the blocks around the current position and
+            the recently retrieved blocks stay on the device; a decoding step fetches only the retrieved blocks it
+            does not hold, by device-side copies a CUDA graph can capture. Same results as without offload.
         attention_backend (`str`, *optional*, defaults to `"auto"`):
             `"eager"` (plain PyTorch, any device), `"triton"` (the fused kernel, CUDA only) or `"auto"` (the kernel
             on CUDA where it supports the shapes, eager elsewhere). This replaces `attn_implementation`, which
@@ -71,6 +76,7 @@ class LandmarkLlamaConfig(LlamaConfig):
     retrieval_positions: str = "stingy"
     prefill_chunk_length: int | None = None
     cuda_graphs: bool = True
+    offload_to_cpu: bool = False
     attention_backend: str = "auto"
     use_cache: bool = True
 

@@ -90,13 +90,15 @@ def _merge(gate_max, gate_sum, acc1, acc2, gate, mix1, mix2):
 
 @triton.jit
 def _retrieval_attention_kernel(
-    q, keys, values, table, starts, row_start, inv_freq, out,
+    q, keys, values, local_keys, local_values, table, starts, row_start, inv_freq, out,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kc, stride_kh, stride_ko,
     stride_vb, stride_vc, stride_vh, stride_vo,
+    stride_lkb, stride_lkc, stride_lkh, stride_lko,
+    stride_lvb, stride_lvc, stride_lvh, stride_lvo,
     stride_tb, stride_th, stride_tn,
     stride_ob, stride_oh, stride_on,
-    q_heads, top_k, sm_scale,
+    q_heads, top_k, ring, sm_scale,
     KV_GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_PAD: tl.constexpr, HALF: tl.constexpr,
     HALF_PAD: tl.constexpr,
 ):
@@ -119,6 +121,11 @@ def _retrieval_attention_kernel(
     own_block = position // BLOCK_SIZE
     p_keys = keys + i_b.to(tl.int64) * stride_kb + i_kv * stride_kh + slot[:, None] * stride_ko + d[None, :]
     p_values = values + i_b.to(tl.int64) * stride_vb + i_kv * stride_vh + slot[:, None] * stride_vo + d[None, :]
+    # [tail | chunk] from the local store, block c at c % ring (a ring of recent blocks where the store is offloaded)
+    p_local_k = (local_keys + i_b.to(tl.int64) * stride_lkb + i_kv * stride_lkh + slot[:, None] * stride_lko
+                 + d[None, :])
+    p_local_v = (local_values + i_b.to(tl.int64) * stride_lvb + i_kv * stride_lvh + slot[:, None] * stride_lvo
+                 + d[None, :])
 
     gate_max = -float("inf")
     gate_sum = 0.0
@@ -136,12 +143,12 @@ def _retrieval_attention_kernel(
     # 2. complete blocks of [tail | chunk] before the query's own, gated at their true positions
     for block in range(chunk_start // BLOCK_SIZE, own_block):
         gate, mix1, mix2 = _block_share(
-            q1, q2, freq, p_keys + block * stride_kc, p_values + block * stride_vc,
+            q1, q2, freq, p_local_k + (block % ring) * stride_lkc, p_local_v + (block % ring) * stride_lvc,
             block * BLOCK_SIZE, 0, sm_scale, slot, tile_mask, False, BLOCK_SIZE, HALF)
         gate_max, gate_sum, acc1, acc2 = _merge(gate_max, gate_sum, acc1, acc2, gate, mix1, mix2)
     # 3. the query's own block: its regular keys up to the query, in the softmax directly
     gate, mix1, mix2 = _block_share(
-        q1, q2, freq, p_keys + own_block * stride_kc, p_values + own_block * stride_vc,
+        q1, q2, freq, p_local_k + (own_block % ring) * stride_lkc, p_local_v + (own_block % ring) * stride_lvc,
         own_block * BLOCK_SIZE, position % BLOCK_SIZE + 1, sm_scale, slot, tile_mask, True, BLOCK_SIZE, HALF)
     gate_max, gate_sum, acc1, acc2 = _merge(gate_max, gate_sum, acc1, acc2, gate, mix1, mix2)
 
@@ -153,12 +160,19 @@ def _retrieval_attention_kernel(
 # ---------------------------------------------------------------------------------------------------------
 # Layer 2: the launcher (validate, allocate, build the grid) and the public function
 # ---------------------------------------------------------------------------------------------------------
-def _check_inputs(query, keys, values, table, starts, row_start, inv_freq):
+def _check_inputs(query, keys, values, local_keys, local_values, table, starts, row_start, inv_freq):
     if query.dim() != 4 or keys.dim() != 5 or values.shape != keys.shape:
         raise ValueError(
             "retrieval_attention: query must be [batch, q_heads, n, head_dim] and keys, values the cache's "
             f"[batch, capacity, kv_heads, block_size, head_dim], got {tuple(query.shape)}, {tuple(keys.shape)}, "
             f"{tuple(values.shape)}."
+        )
+    if local_values.shape != local_keys.shape or local_keys.shape[:1] + local_keys.shape[2:] != (
+        keys.shape[:1] + keys.shape[2:]
+    ):
+        raise ValueError(
+            f"retrieval_attention: local_keys and local_values {tuple(local_keys.shape)}, "
+            f"{tuple(local_values.shape)} must match the store {tuple(keys.shape)} but for their block count."
         )
     batch, q_heads, n, head_dim = query.shape
     kv_heads, block_size = keys.shape[2], keys.shape[3]
@@ -186,21 +200,29 @@ def _unit_inner_stride(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def retrieval_attention(query, keys, values, table, starts, row_start, inv_freq, sm_scale):
+def retrieval_attention(query, keys, values, table, starts, row_start, inv_freq, sm_scale, local_keys=None,
+                        local_values=None):
     """A chunk's retrieval attention read from the cache's store (see the module docstring).
 
     query: [batch, q_heads, n, head_dim], rotated to its positions row_start + 0 .. n - 1 (RoPE attention scaling
         already applied).
-    keys, values: the cache store, [batch, capacity, kv_heads, block_size, head_dim], keys rotated by their offset
-        in the block, already holding the chunk.
+    keys, values: the blocks the table indexes, [batch, blocks, kv_heads, block_size, head_dim], keys rotated by
+        their offset in the block.
     table: [batch, q_heads, n or 1 (one selection per chunk), k] integer block indices; -1 where no block was picked.
     starts: like `table`, the position assigned to each block.
     row_start: [batch] internal position of each row's first query (its tail starts at the block boundary before).
     inv_freq: [head_dim // 2] RoPE frequencies.
+    local_keys, local_values: where [tail | chunk] is read, already holding the chunk: block c of a row at index
+        c % local_keys.shape[1] (a ring of recent blocks; the whole store, as by default, has every block at its own
+        index). Default: `keys`, `values`.
     Returns [batch, q_heads, n, head_dim] in the query's dtype.
     """
-    _check_inputs(query, keys, values, table, starts, row_start, inv_freq)
-    query, keys, values = (_unit_inner_stride(t) for t in (query, keys, values))
+    local_keys = keys if local_keys is None else local_keys
+    local_values = values if local_values is None else local_values
+    _check_inputs(query, keys, values, local_keys, local_values, table, starts, row_start, inv_freq)
+    query, keys, values, local_keys, local_values = (
+        _unit_inner_stride(t) for t in (query, keys, values, local_keys, local_values)
+    )
     batch, q_heads, n, head_dim = query.shape
     kv_heads, block_size = keys.shape[2], keys.shape[3]
     # int64 indices: block * the store's block stride can pass 2**31 (a 7B store of 512k positions)
@@ -211,13 +233,15 @@ def retrieval_attention(query, keys, values, table, starts, row_start, inv_freq,
     table_stride_n = 0 if table.shape[2] == 1 else table.stride(2)
     half = head_dim // 2
     _retrieval_attention_kernel[(n, batch * q_heads)](
-        query, keys, values, table, starts, row_start, inv_freq.float().contiguous(), out,
+        query, keys, values, local_keys, local_values, table, starts, row_start, inv_freq.float().contiguous(), out,
         query.stride(0), query.stride(1), query.stride(2),
         keys.stride(0), keys.stride(1), keys.stride(2), keys.stride(3),
         values.stride(0), values.stride(1), values.stride(2), values.stride(3),
+        local_keys.stride(0), local_keys.stride(1), local_keys.stride(2), local_keys.stride(3),
+        local_values.stride(0), local_values.stride(1), local_values.stride(2), local_values.stride(3),
         table.stride(0), table.stride(1), table_stride_n,
         out.stride(0), out.stride(1), out.stride(2),
-        q_heads, table.shape[3], float(sm_scale),
+        q_heads, table.shape[3], local_keys.shape[1], float(sm_scale),
         KV_GROUP=q_heads // kv_heads, BLOCK_SIZE=block_size, BLOCK_PAD=triton.next_power_of_2(block_size),
         HALF=half, HALF_PAD=triton.next_power_of_2(half), num_warps=4 if block_size * half <= 4096 else 8,
     )

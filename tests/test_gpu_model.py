@@ -219,3 +219,41 @@ def test_graph_captured_decoding_equals_plain_steps_and_the_cpu(backend, granula
     print(f"bf16 (kernels {backend == 'auto'}, graphs) vs fp32: {same} steps equal; score error {error:.2e}, bf16 "
           f"eager plain steps {eager_error:.2e}")
     assert same >= 5 and error <= 1.5 * eager_error + 1e-3
+
+
+@pytest.mark.parametrize("granularity", ["token", "chunk"])
+@pytest.mark.parametrize("cuda_graphs", [True, False])
+def test_offloaded_cache_on_cuda_gives_the_tokens_of_the_cpu(granularity, cuda_graphs):
+    """Host offload on the GPU with the kernels: pinned host stores written and read in place by the block-copy
+    kernel, prefill chunks staged on the side stream, decoding steps fetching into the slots (more blocks than
+    slots). Greedy tokens of a small fp32 model equal the CPU eager path's without offload; in bf16, the tokens and
+    scores of the cache kept on the GPU."""
+    from landmark_llama.cache_landmark_llama import LandmarkRetrievalCache
+    from landmark_llama.modeling_landmark_llama import _CACHE_FIELD
+
+    model = tiny_landmark_model(block_size=16, train_context_length=256, retrieval_top_k=3, attention_backend="auto",
+                                **GPU_MODEL)
+    settings = dict(retrieval_granularity=granularity, cuda_graphs=cuda_graphs)
+    ids = random_ids(2, 1200)  # 80 blocks a row: more than the 48 slots of a key/value head
+    mask = torch.ones_like(ids)
+    mask[1, :300] = 0
+    with torch.no_grad():
+        cpu_tokens, cpu_scores = _greedy(model, ids, mask, **settings)
+        model.cuda()
+        ids, mask = ids.cuda(), mask.cuda()
+        cache = LandmarkRetrievalCache(model.config, offload_to_cpu=True, **settings)
+        tokens, scores = _greedy(model, ids, mask, **{_CACHE_FIELD: cache}, **settings)
+        layer = cache.layers[0]
+        assert layer.keys.device.type == "cpu" and layer.keys.is_pinned() and layer.ring_keys.is_cuda
+        assert int(cache.internal_lengths.max()) // 16 > layer.slots
+        if cuda_graphs:
+            assert any(graph.graph is not None for graph in cache.step_graphs.values())
+        model.to(torch.bfloat16)
+        on_device = _greedy(model, ids, mask, **settings)
+        offloaded = _greedy(model, ids, mask, offload_to_cpu=True, **settings)
+    finite = scores.isfinite()
+    print(f"offload {granularity}, graphs {cuda_graphs}: score error against the CPU "
+          f"{(scores - cpu_scores)[finite].abs().max().item():.1e}")
+    assert torch.equal(tokens, cpu_tokens)
+    assert torch.equal(offloaded[0], on_device[0])
+    torch.testing.assert_close(offloaded[1], on_device[1], atol=1e-2, rtol=1e-2)

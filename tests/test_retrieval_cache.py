@@ -273,17 +273,22 @@ def test_generate_from_inputs_embeds_equals_generate_from_ids():
     assert torch.equal(from_embeds, from_ids[:, 50:])  # generate returns only the new tokens for embeddings
 
 
-@pytest.mark.parametrize("granularity, positions, cuda_graphs", [("chunk", "true", True), ("token", "stingy", False)])
-def test_retrieval_kernel_serves_the_cache_like_the_eager_path(monkeypatch, granularity, positions, cuda_graphs):
+@pytest.mark.parametrize("granularity, positions, cuda_graphs, offload", [
+    ("chunk", "true", True, False), ("token", "stingy", False, False), ("token", "stingy", True, True),
+])
+def test_retrieval_kernel_serves_the_cache_like_the_eager_path(monkeypatch, granularity, positions, cuda_graphs,
+                                                               offload):
     """With the kernels on (here under TRITON_INTERPRET), every chunk and decoding step runs on the retrieval kernel,
     which reads the cache in place, in static passes (cuda_graphs on: static bounds, no host reads) and in exact
-    ones: logits and greedy tokens equal the eager path's, padded batches too."""
+    ones, and with the store offloaded (the local part from the ring, retrieved blocks from the slots or the staged
+    layer): logits and greedy tokens equal the eager path's, padded batches too."""
     import landmark_llama.modeling_landmark_llama as modeling
 
     # two query heads over one key/value head (the interpreter's time grows with heads); chunks of 40 positions
     model = tiny_landmark_model(train_context_length=64, retrieval_top_k=2, hidden_size=32, intermediate_size=64,
                                 num_attention_heads=2, num_key_value_heads=1)
-    settings = dict(retrieval_granularity=granularity, retrieval_positions=positions, cuda_graphs=cuda_graphs)
+    settings = dict(retrieval_granularity=granularity, retrieval_positions=positions, cuda_graphs=cuda_graphs,
+                    offload_to_cpu=offload)
     ids = random_ids(1, 60)
     padded, mask, _ = left_padded([60, 41])
 

@@ -85,6 +85,27 @@ def test_chunk_across_block_boundaries_sees_its_complete_local_blocks():
     torch.testing.assert_close(out.double(), reference(*case, 0.3), atol=2e-5, rtol=2e-5)
 
 
+def test_local_blocks_read_from_a_ring_and_retrieved_ones_from_another_store():
+    """The offloaded cache's layout: [tail | chunk] in a ring of 3 blocks (block c at c % 3, the other entries
+    garbage), the table pointing into a separate store of retrieved blocks."""
+    query, keys, values, table, starts, row_start, inv_freq = random_case(2, 4, 2, 9, 16, 8, 7, 3, False,
+                                                                          torch.float32)
+    row_start = torch.tensor([13, 37])  # chunks over blocks 1-2 and 4-5
+    ring_keys, ring_values = torch.randn(2, 3, 2, 8, 16), torch.randn(2, 3, 2, 8, 16)
+    for b, start in enumerate(row_start.tolist()):
+        for c in range(start // 8, (start + 9 - 1) // 8 + 1):
+            ring_keys[b, c % 3], ring_values[b, c % 3] = keys[b, c], values[b, c]
+    picked = torch.randn(2, 4, 2, 8, 16), torch.randn(2, 4, 2, 8, 16)  # a store of 4 retrieved blocks
+    table = torch.where(table >= 0, table % 4, -1)
+    out = retrieval_attention(query, *picked, table, starts, row_start, inv_freq, 0.3, ring_keys, ring_values)
+    # the reference reads one store: the local blocks at their own places, the retrieved ones after them
+    store_keys = torch.cat([keys, picked[0]], 1)
+    store_values = torch.cat([values, picked[1]], 1)
+    shifted = torch.where(table >= 0, table + keys.shape[1], -1)
+    expected = reference(query, store_keys, store_values, shifted, starts, row_start, inv_freq, 0.3)
+    torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=2e-5)
+
+
 def test_bfloat16_store_is_read_in_fp32():
     case = random_case(1, 4, 2, 2, 32, 16, 6, 3, False, torch.bfloat16)
     out = retrieval_attention(*case, 0.2)

@@ -164,12 +164,14 @@ def landmark_retrieval_attention(query, key, value, cache, layer_idx, scaling, u
     local_keys, local_values = layer.update(key, value, chunk, cache.inv_freq)
     retrieved = layer.retrieve(query, chunk, cache.settings, cache.inv_freq, scaling)
     if use_kernel:
+        local = layer.local_keys, layer.local_values
         if retrieved is None:  # nothing to retrieve yet: an empty table
             table = starts = torch.full((batch, q_heads, 1, 1), -1, dtype=torch.long, device=query.device)
+            keys, values = local
         else:
-            table, starts = retrieved.table(), retrieved.starts
-        output = retrieval_triton_attention(query, layer.keys, layer.values, table, starts, chunk.start,
-                                            cache.inv_freq, scaling)
+            table, starts, keys, values = retrieved.table(), retrieved.starts, retrieved.keys, retrieved.values
+        output = retrieval_triton_attention(query, keys, values, table, starts, chunk.start, cache.inv_freq, scaling,
+                                            *local)
         return output.transpose(1, 2)
 
     local_length = local_keys.shape[2]
@@ -514,7 +516,7 @@ class LandmarkLlamaModel(LandmarkLlamaPreTrainedModel, LlamaModel):
             chunk = internal_embeds[:, begin : begin + chunk_length]
             width = chunk.shape[1]
             chunk_lengths = (lengths - begin).clamp(0, width)
-            if static:  # no host reads: the chunks of one width replay one captured graph
+            if static and not cache.stages_blocks(width):  # no host reads: chunks of a width replay one graph
                 step = partial(self._static_pass, cache=cache, most_blocks=cache.plan_static_pass(width), **kwargs)
                 graph = self._step_graph(cache, "chunk", chunk)
                 last_hidden.append(graph(step, chunk, chunk_lengths, cache.buffers()))
@@ -525,7 +527,7 @@ class LandmarkLlamaModel(LandmarkLlamaPreTrainedModel, LlamaModel):
             hidden_states.append(outputs.hidden_states)
         if not last_hidden:  # every new token was padding
             return BaseModelOutputWithPast(last_hidden_state=internal_embeds)
-        if static:
+        if static:  # (exact passes among them have no per-layer outputs either)
             return BaseModelOutputWithPast(last_hidden_state=torch.cat(last_hidden, 1))
         outputs.last_hidden_state = torch.cat(last_hidden, 1)
         if outputs.hidden_states is not None:
@@ -658,6 +660,7 @@ class LandmarkLlamaForCausalLM(LandmarkLlamaPreTrainedModel, LlamaForCausalLM):
         retrieval_positions=None,
         prefill_chunk_length=None,
         cuda_graphs=None,
+        offload_to_cpu=None,
         **kwargs,
     ):
         """Stock inputs, and the block-retrieval cache: built at the first step with the retrieval settings given to
@@ -669,6 +672,7 @@ class LandmarkLlamaForCausalLM(LandmarkLlamaPreTrainedModel, LlamaForCausalLM):
             retrieval_positions=retrieval_positions,
             prefill_chunk_length=prefill_chunk_length,
             cuda_graphs=cuda_graphs,
+            offload_to_cpu=offload_to_cpu,
         )
         cache = kwargs.get(_CACHE_FIELD)
         if cache is None and kwargs.get("use_cache") is not False:
@@ -705,14 +709,18 @@ def export_remote_code(save_directory):
     from the development tree and from a module that was itself loaded from such a flat folder.
     """
     here = Path(__file__).parent
-    files = {"modeling_landmark_llama.py": _KERNEL_IMPORT.sub(r"\1\2", Path(__file__).read_text(encoding="utf-8"))}
-    for name in _RELATIVE_IMPORT.findall(files["modeling_landmark_llama.py"]):
-        candidates = [path for path in (here / f"{name}.py", here / "kernels" / f"{name}.py") if path.exists()]
-        if not candidates:
-            raise FileNotFoundError(
-                f"modeling_landmark_llama imports .{name}, but {name}.py is not beside it or in kernels/."
-            )
-        files[f"{name}.py"] = candidates[0].read_text(encoding="utf-8")
+    files, pending = {}, [("modeling_landmark_llama", Path(__file__))]
+    while pending:  # the modeling file and every file it imports, directly or through another
+        name, path = pending.pop()
+        files[f"{name}.py"] = text = _KERNEL_IMPORT.sub(r"\1\2", path.read_text(encoding="utf-8"))
+        for imported in _RELATIVE_IMPORT.findall(text):
+            if f"{imported}.py" in files:
+                continue
+            candidates = [p for p in (here / f"{imported}.py", here / "kernels" / f"{imported}.py") if p.exists()]
+            if not candidates:
+                raise FileNotFoundError(f"{name} imports .{imported}, but {imported}.py is not beside it or in "
+                                        "kernels/.")
+            pending.append((imported, candidates[0]))
     for name, text in files.items():
         temporary = Path(save_directory) / f".{name}.tmp"
         temporary.write_text(text, encoding="utf-8")

@@ -1,0 +1,166 @@
+"""Host offload of the retrieval cache (`offload_to_cpu`, `OffloadedCacheLayer`) on the CPU: the same tokens and
+scores as the cache without offload in every mode, the device slots that keep recently retrieved blocks against a
+direct reading of the host store, blocks written once, beams, and the block-copy kernel under TRITON_INTERPRET."""
+
+import pytest
+import torch
+
+import landmark_llama.cache_landmark_llama as cache_module
+from landmark_llama.cache_landmark_llama import (
+    ChunkPositions, LandmarkRetrievalCache, OFFLOAD_SLOTS_PER_PICK, OffloadedCacheLayer,
+)
+from landmark_llama.kernels.block_copy import copy_blocks
+from landmark_llama.modeling_landmark_llama import _CACHE_FIELD as CACHE
+from test_retrieval_cache import left_padded
+from tiny_models import PAD_ID, random_ids, tiny_landmark_model
+
+
+def _generate(model, ids, mask, **settings):
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=60, do_sample=False, pad_token_id=PAD_ID,
+                         output_scores=True, return_dict_in_generate=True, **settings)
+    return out.sequences, torch.stack(out.scores, 1)
+
+
+@pytest.mark.parametrize("granularity", ["token", "chunk"])
+@pytest.mark.parametrize("positions", ["stingy", "true"])
+@pytest.mark.parametrize("cuda_graphs", [True, False])
+def test_offloaded_cache_generates_what_the_device_cache_does(monkeypatch, granularity, positions, cuda_graphs):
+    """A padded batch of long prompts (prefill chunks that stage whole layers or fetch into slots) and 60 decoding
+    steps, enough that the longest row fetches more blocks into its slots than they hold."""
+    model = tiny_landmark_model(train_context_length=64, retrieval_top_k=2, num_attention_heads=4,
+                                num_key_value_heads=2)
+    ids, mask, _ = left_padded([190, 77, 5])
+    settings = dict(retrieval_granularity=granularity, retrieval_positions=positions, cuda_graphs=cuda_graphs)
+    fetches = []  # blocks fetched into the slots of the first row and head, per call
+    real_copy = cache_module.copy_blocks
+
+    def record(src, dst, source, target):
+        if any(layer.is_initialized and dst.data_ptr() == layer.slot_keys.data_ptr() for layer in cache.layers):
+            fetches.append(int((source[0, 0] >= 0).sum()))
+        return real_copy(src, dst, source, target)
+
+    monkeypatch.setattr(cache_module, "copy_blocks", record)
+    with torch.no_grad():
+        tokens, scores = _generate(model, ids, mask, **settings)
+        cache = LandmarkRetrievalCache(model.config, offload_to_cpu=True, **settings)
+        offloaded_tokens, offloaded_scores = _generate(model, ids, mask, **{CACHE: cache}, **settings)
+    assert torch.equal(offloaded_tokens, tokens)
+    torch.testing.assert_close(offloaded_scores, scores, atol=1e-5, rtol=1e-5)
+    layer = cache.layers[0]
+    assert isinstance(layer, OffloadedCacheLayer) and layer.slots == OFFLOAD_SLOTS_PER_PICK * 2 * 2
+    assert sum(fetches) / len(cache.layers) / 2 > layer.slots  # (keys and values) slots were reused
+
+
+def test_offloaded_beam_search_equals_the_device_cache():
+    model = tiny_landmark_model(train_context_length=64, retrieval_top_k=2)
+    prompt = random_ids(2, 90)
+    settings = dict(max_new_tokens=20, num_beams=3, num_return_sequences=2, do_sample=False)
+    with torch.no_grad():
+        on_device = model.generate(prompt, **settings)
+        offloaded = model.generate(prompt, offload_to_cpu=True, **settings)
+    assert torch.equal(offloaded, on_device)
+
+
+def _slot_layer(batch, kv_heads, capacity, block_size, head_dim, slots):
+    layer = OffloadedCacheLayer(block_size, ring_blocks=2, slots=slots, stager=None, index=0)
+    layer.planned_blocks = capacity
+    layer.lazy_initialization(torch.zeros(batch, kv_heads, 1, head_dim), torch.zeros(batch, kv_heads, 1, head_dim))
+    layer.keys.copy_(torch.randn(layer.keys.shape))
+    layer.values.copy_(torch.randn(layer.values.shape))
+    return layer
+
+
+def test_fetch_reads_the_selected_blocks_and_keeps_recent_ones(monkeypatch):
+    """Random selections over many steps: every valid pick reads its block of the host store through the slots;
+    blocks held from earlier steps are not fetched again; a block travels only when no slot holds it."""
+    batch, q_heads, kv_heads, capacity, block_size, head_dim, k = 2, 4, 2, 30, 4, 6, 3
+    group = q_heads // kv_heads
+    slots = OFFLOAD_SLOTS_PER_PICK * group * k
+    layer = _slot_layer(batch, kv_heads, capacity, block_size, head_dim, slots)
+    fetched = []
+    real_copy = cache_module.copy_blocks
+    monkeypatch.setattr(cache_module, "copy_blocks", lambda src, dst, s, d: fetched.append(s.clone())
+                        or real_copy(src, dst, s, d))
+    generator = torch.Generator().manual_seed(3)
+    previous = {}
+    for step in range(40):
+        retrievers = 2 if step % 2 else 1  # decoding steps of two queries, and per-chunk selections
+        hot = torch.randint(0, capacity, (8,), generator=generator)  # a working set that recurs, and the rest
+        choice = torch.randint(0, 8, (batch, q_heads, retrievers, k), generator=generator)
+        selected = torch.where(torch.rand(choice.shape, generator=generator) < 0.7, hot[choice],
+                               torch.randint(0, capacity, choice.shape, generator=generator))
+        valid = torch.rand(selected.shape, generator=generator) < 0.9
+        length = torch.tensor([retrievers, 1])  # the second row's second query is padding
+        chunk = ChunkPositions(torch.zeros(batch, dtype=torch.long), length, capacity, 0, torch.tensor(step))
+        starts = torch.zeros_like(selected)
+        before = layer.slot_blocks.clone()
+        retrieved = layer.retrieved(selected, valid, starts, chunk)
+        keys, values = retrieved.gathered
+        rows = torch.arange(batch)[:, None, None, None]
+        heads = (torch.arange(q_heads) // group)[None, :, None, None]
+        wanted = retrieved.valid
+        assert torch.equal(keys[wanted], layer.keys[rows, selected, heads][wanted])
+        assert torch.equal(values[wanted], layer.values[rows, selected, heads][wanted])
+        if retrievers == 2:
+            assert not retrieved.valid[1, :, 1].any()
+        # a block is fetched exactly when it is wanted and no slot held it, once; the slots least recently used
+        # give way, so last step's picks stay beside this step's (together they fit the slots)
+        source = fetched[-2]
+        assert torch.equal(fetched[-1], source)
+        picks = {}
+        for b in range(batch):
+            for h in range(kv_heads):
+                heads_of_h = slice(h * group, (h + 1) * group)
+                picks[b, h] = set(selected[b, heads_of_h][wanted[b, heads_of_h]].tolist())
+                moved = source[b, h][source[b, h] >= 0].tolist()
+                assert len(moved) == len(set(moved))
+                assert set(moved) == picks[b, h] - set(before[b, h].tolist())
+                held = set(layer.slot_blocks[b, h].tolist())
+                assert picks[b, h] | previous.get((b, h), set()) <= held
+        previous = picks
+
+
+def test_blocks_go_to_host_memory_once_when_they_complete(monkeypatch):
+    model = tiny_landmark_model(train_context_length=64, retrieval_top_k=2)
+    written = []
+    real_copy = cache_module.copy_blocks
+
+    def record(src, dst, source, target):
+        if dst.data_ptr() == cache.layers[0].keys.data_ptr():
+            written.extend(target[0, 0][source[0, 0] >= 0].tolist())  # row 0, head 0
+        return real_copy(src, dst, source, target)
+
+    monkeypatch.setattr(cache_module, "copy_blocks", record)
+    cache = LandmarkRetrievalCache(model.config, offload_to_cpu=True)
+    with torch.no_grad():
+        model.generate(random_ids(1, 100), max_new_tokens=30, do_sample=False, **{CACHE: cache})
+    complete = int(cache.internal_lengths[0]) // 8
+    assert sorted(written) == list(range(complete))  # every complete block, once
+
+
+@pytest.mark.parametrize("dtype,block_size,head_dim", [(torch.float32, 8, 16), (torch.bfloat16, 7, 80)])
+def test_block_copy_kernel_equals_indexing(dtype, block_size, head_dim):
+    batch, heads, pairs = 2, 3, 5
+    src = torch.randn(batch, 9, heads, block_size, head_dim).to(dtype)
+    dst = torch.randn(batch, 6, heads, block_size, head_dim).to(dtype)
+    source = torch.randint(0, 9, (batch, heads, pairs))
+    source[torch.rand(source.shape) < 0.3] = -1
+    target = torch.stack([torch.stack([torch.randperm(6)[:pairs] for _ in range(heads)]) for _ in range(batch)])
+    expected = dst.clone()
+    for b in range(batch):
+        for h in range(heads):
+            for p in range(pairs):
+                if source[b, h, p] >= 0:
+                    expected[b, target[b, h, p], h] = src[b, source[b, h, p], h]
+    copy_blocks(src, dst, source, target)
+    assert torch.equal(dst, expected)
+    with pytest.raises(ValueError, match="must be contiguous"):
+        copy_blocks(src.transpose(3, 4), dst.transpose(3, 4), source, target)
+    with pytest.raises(ValueError, match=r"must both be \[batch, heads, pairs\]"):
+        copy_blocks(src, dst, source[:, :1], target[:, :1])
+
+
+def test_bad_offload_setting_gets_a_clear_error():
+    model = tiny_landmark_model()
+    with pytest.raises(ValueError, match="offload_to_cpu must be True or False"):
+        LandmarkRetrievalCache(model.config, offload_to_cpu="yes")
