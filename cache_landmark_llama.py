@@ -495,53 +495,55 @@ def copy_blocks(src, dst, src_blocks, dst_blocks):
 
 
 class BlockStager:
-    """The complete blocks of one offloaded layer copied to the device for a prefill chunk, whose queries may select
-    any of them. Two device buffers: on CUDA, while a layer computes, the next layer's blocks travel on a side stream
-    into the other (`stage`), so that the transfers overlap the compute."""
+    """The complete blocks of one offloaded layer on the device, for prefill chunks whose queries select blocks of
+    their own (any of a layer's blocks, so the whole layer is needed). Offloaded prompts run layer by layer
+    (`LandmarkLlamaModel._forward_layer_major`), which `hold`s each layer while its chunks run: its blocks from earlier
+    forwards are copied here once, the blocks its chunks complete are appended as they are written, and `release`
+    frees the buffer when the forward ends. Chunk by chunk through every layer, each layer's chunk reloads it."""
 
-    def __init__(self, layers):
-        self.layers = layers
-        self.buffers = [None, None]  # (keys, values) each
-        self.ready = [None, None]  # CUDA events: the copy into the buffer is done
-        self.staged = [None, None]  # (layer index, blocks) each buffer holds in this pass
-        self.stream = None
+    def __init__(self):
+        self.layer = self.keys = self.values = None
+        self.loaded = 0
+        self.ready = False
 
-    def stage(self, index, blocks):
-        """(keys, values) [batch, blocks, kv_heads, block_size, head_dim] on the device: the first `blocks` blocks of
-        layer `index`; starts the copy of the next layer's."""
-        slot = index % 2
-        if self.staged[slot] != (index, blocks):
-            self._copy(index, blocks)
-        if self.ready[slot] is not None:
-            torch.cuda.current_stream().wait_event(self.ready[slot])
-        if index + 1 < len(self.layers):
-            self._copy(index + 1, blocks)
-        keys, values = self.buffers[slot]
+    def hold(self, layer, blocks):
+        """Keep `layer`'s blocks here from now on: its first `blocks` (complete on the host) are copied when first
+        needed (the layer's stores exist from its first write), the rest appended as they complete."""
+        self.layer, self.loaded, self.ready = layer, blocks, False
+
+    def blocks(self, layer, blocks):
+        """(keys, values) [batch, blocks, kv_heads, block_size, head_dim]: the first `blocks` blocks of `layer`."""
+        if self.layer is not layer:
+            self.hold(layer, blocks)
+        keys, values = self._buffers()
         return keys[:, :blocks], values[:, :blocks]
 
-    def _copy(self, index, blocks):
-        layer, slot = self.layers[index], index % 2
-        if self.buffers[slot] is None or self.buffers[slot][0].shape != layer.keys.shape:
-            self.buffers[slot] = tuple(torch.empty(layer.keys.shape, dtype=layer.dtype, device=layer.device)
-                                       for _ in range(2))
-        if layer.device.type != "cuda":
-            for buffer, store in zip(self.buffers[slot], (layer.keys, layer.values)):
-                buffer[:, :blocks].copy_(store[:, :blocks])
-        else:
-            self.stream = self.stream or torch.cuda.Stream(layer.device)
-            self.stream.wait_stream(torch.cuda.current_stream())  # the blocks' writes and the buffer's last reads
-            with torch.cuda.stream(self.stream):
-                for buffer, store in zip(self.buffers[slot], (layer.keys, layer.values)):
-                    buffer.record_stream(self.stream)
-                    for row in range(store.shape[0]):  # contiguous rows: one asynchronous copy each
-                        buffer[row, :blocks].copy_(store[row, :blocks], non_blocking=True)
-                self.ready[slot] = torch.cuda.Event()
-                self.ready[slot].record(self.stream)
-        self.staged[slot] = (index, blocks)
+    def append(self, layer, source, target):
+        """Blocks `layer` has just completed (`copy_blocks` indices from its ring), if it is the one held."""
+        if self.layer is layer:
+            keys, values = self._buffers()
+            copy_blocks(layer.ring_keys, keys, source, target)
+            copy_blocks(layer.ring_values, values, source, target)
 
-    def end_pass(self):
-        """Blocks change between passes (a pass completes blocks, beams reorder rows): nothing staged carries over."""
-        self.staged = [None, None]
+    def _buffers(self):
+        layer = self.layer
+        if not self.ready:
+            if self.keys is None or self.keys.shape != layer.keys.shape:
+                self.keys = self.values = None  # (freed before the new ones are allocated)
+                self.keys, self.values = (torch.empty(layer.keys.shape, dtype=layer.dtype, device=layer.device)
+                                          for _ in range(2))
+            for buffer, store in ((self.keys, layer.keys), (self.values, layer.values)):
+                for row in range(store.shape[0]):  # contiguous rows: one asynchronous copy each
+                    buffer[row, : self.loaded].copy_(store[row, : self.loaded], non_blocking=True)
+            self.ready = True
+        if self.keys.shape != layer.keys.shape:
+            raise RuntimeError("the offloaded layer grew while its blocks were held on the device; the cache plans "
+                               "its capacity before a forward, so this is a bug: please report it.")
+        return self.keys, self.values
+
+    def release(self):
+        self.layer = self.keys = self.values = None
+        self.ready = False
 
 
 class OffloadedCacheLayer(LandmarkCacheLayer):
@@ -556,7 +558,7 @@ class OffloadedCacheLayer(LandmarkCacheLayer):
     A pass whose selections fit the slots (a decoding step, or a chunk with `"chunk"` granularity) keeps the blocks
     it picked that are already held and fetches the others into the least recently used slots (`fetch`), all on the
     device, so a captured CUDA graph can hold it; a prefill chunk whose queries select blocks of their own reads the
-    layer's complete blocks through the cache's `BlockStager`.
+    layer's complete blocks from the cache's `BlockStager`.
     """
 
     STORES = ("keys", "values", "landmarks", "block_landmarks", "ring_keys", "ring_values", "slot_keys",
@@ -564,9 +566,9 @@ class OffloadedCacheLayer(LandmarkCacheLayer):
     GROWING = ("keys", "values", "landmarks", "block_landmarks")
     HOST = ("keys", "values")
 
-    def __init__(self, block_size, ring_blocks, slots, stager, index):
+    def __init__(self, block_size, ring_blocks, slots, stager):
         super().__init__(block_size)
-        self.ring_blocks, self.slots, self.stager, self.index = ring_blocks, slots, stager, index
+        self.ring_blocks, self.slots, self.stager = ring_blocks, slots, stager
 
     def lazy_initialization(self, key_states, value_states):
         batch, kv_heads, _, head_dim = key_states.shape
@@ -610,12 +612,13 @@ class OffloadedCacheLayer(LandmarkCacheLayer):
         source, target = chunk.once("completed blocks", completed)
         copy_blocks(self.ring_keys, self.keys, source, target)
         copy_blocks(self.ring_values, self.values, source, target)
+        self.stager.append(self, source, target)
 
     def retrieved(self, selected, valid, starts, chunk):
         batch, q_heads, retrievers, k = selected.shape
         if q_heads // self.keys.shape[2] * retrievers * k <= self.slots:
             return self.fetch(selected, valid, starts, chunk)
-        keys, values = self.stager.stage(self.index, chunk.most_blocks)
+        keys, values = self.stager.blocks(self, chunk.most_blocks)
         return RetrievedBlocks(selected, valid, starts, keys, values)
 
     def fetch(self, selected, valid, starts, chunk):
@@ -670,10 +673,10 @@ class LandmarkRetrievalCache(Cache):
             widest = max(self.settings.prefill_chunk_length, 2)  # a prefill chunk, or a decoding step
             group = config.num_attention_heads // (config.num_key_value_heads or config.num_attention_heads)
             slots = OFFLOAD_SLOTS_PER_PICK * group * self.settings.retrieval_top_k
-            layers = []
-            self.stager = BlockStager(layers)
-            layers += [OffloadedCacheLayer(block_size, -(-(block_size - 1 + widest) // block_size), slots,
-                                           self.stager, index) for index in range(config.num_hidden_layers)]
+            self.stager = BlockStager()
+            ring = -(-(block_size - 1 + widest) // block_size)
+            layers = [OffloadedCacheLayer(block_size, ring, slots, self.stager)
+                      for _ in range(config.num_hidden_layers)]
         else:
             layers, self.stager = [LandmarkCacheLayer(block_size) for _ in range(config.num_hidden_layers)], None
         super().__init__(layers=layers)
@@ -760,8 +763,6 @@ class LandmarkRetrievalCache(Cache):
         self.internal_lengths.add_(self.chunk.length)  # in place: a captured step keeps reading the same tensor
         self.passes.add_(1)
         self.chunk = None
-        if self.stager is not None:
-            self.stager.end_pass()
 
     def buffers(self):
         """The tensors a captured pass reads and writes; it stays valid while none of them moves (a layer's stores
@@ -769,11 +770,26 @@ class LandmarkRetrievalCache(Cache):
         stores = [getattr(layer, name) for layer in self.layers if layer.is_initialized for name in layer.STORES]
         return [self.internal_lengths, self.passes] + stores
 
-    def stages_blocks(self, width):
-        """Whether passes of `width` positions read offloaded blocks through the stager: their bounds must then be
-        exact (a static pass would copy the whole planned capacity)."""
-        retrievers = 1 if self.settings.retrieval_granularity == "chunk" else width
-        return self.settings.offload_to_cpu and retrievers > OFFLOAD_SLOTS_PER_PICK
+    def plan_chunks(self, lengths, chunk_length, total):
+        """The chunks of an input of `total` internal positions adding `lengths` [batch] to the rows, each with its
+        exact bounds (one read to the host for all): [(begin, ChunkPositions)], to run the input layer by layer.
+        `finish_chunks` then advances the rows."""
+        begins = torch.arange(0, total, chunk_length, device=lengths.device)
+        chunk_lengths = (lengths[None] - begins[:, None]).clamp(0, chunk_length)  # [chunks, batch]
+        starts = self.internal_lengths + chunk_lengths.cumsum(0) - chunk_lengths
+        bounds = torch.cat([(starts // self.block_size).amax(1), (starts % self.block_size).amax(1),
+                            (self.internal_lengths + lengths).amax()[None]]).tolist()
+        count = len(begins)
+        self.longest = bounds[-1]
+        return [(begin, ChunkPositions(starts[i], chunk_lengths[i], bounds[i], bounds[count + i], self.passes + i))
+                for i, begin in enumerate(range(0, total, chunk_length))]
+
+    def finish_chunks(self, lengths, count):
+        """After `plan_chunks`' `count` chunks ran through every layer."""
+        self.internal_lengths.add_(lengths)
+        self.passes.add_(count)
+        self.chunk = None
+        self.stager.release()
 
     def get_seq_length(self, layer_idx=0):
         return self.seen_tokens
@@ -783,22 +799,30 @@ class LandmarkRetrievalCache(Cache):
 
     def reorder_cache(self, beam_idx):
         super().reorder_cache(beam_idx)
+        self._release_stager()
         if self.internal_lengths is not None:
             lengths = self.internal_lengths
             lengths.copy_(lengths.index_select(0, beam_idx.to(lengths.device)))
 
     def batch_select_indices(self, indices):
         super().batch_select_indices(indices)
+        self._release_stager()
         if self.internal_lengths is not None:
             self.internal_lengths = self.internal_lengths.index_select(0, indices.to(self.internal_lengths.device))
 
     def batch_repeat_interleave(self, repeats):
         super().batch_repeat_interleave(repeats)
+        self._release_stager()
         if self.internal_lengths is not None:
             self.internal_lengths = self.internal_lengths.repeat_interleave(repeats)
 
+    def _release_stager(self):
+        if self.stager is not None:  # its copy of a layer's blocks no longer matches the rows
+            self.stager.release()
+
     def reset(self):
         super().reset()
+        self._release_stager()
         self.internal_lengths, self.passes, self.longest, self.seen_tokens, self.chunk = None, None, 0, 0, None
         self.step_graphs, self.graph_blocker = {}, None
 

@@ -437,7 +437,8 @@ class LandmarkLlamaModel(LandmarkLlamaPreTrainedModel, LlamaModel):
                     inputs_embeds=internal_embeds, position_ids=internal_positions, use_cache=False, **kwargs
                 )
             else:
-                outputs = self._forward_chunks(internal_embeds, layout.lengths, cache, static, **kwargs)
+                outputs = self._forward_chunks(internal_embeds, layout.lengths, cache, static, per_layer_outputs,
+                                               **kwargs)
             outputs.last_hidden_state = layout.extract(outputs.last_hidden_state)
             if outputs.hidden_states is not None:
                 outputs.hidden_states = tuple(layout.extract(states) for states in outputs.hidden_states)
@@ -496,7 +497,7 @@ class LandmarkLlamaModel(LandmarkLlamaPreTrainedModel, LlamaModel):
             cache.step_graphs[key] = StepGraph(None if cache.graph_blocker == "none" else cache.graph_blocker)
         return cache.step_graphs[key]
 
-    def _forward_chunks(self, internal_embeds, lengths, cache, static, **kwargs):
+    def _forward_chunks(self, internal_embeds, lengths, cache, static, per_layer_outputs, **kwargs):
         """The stock stack over [batch, internal positions, hidden] in chunks that continue `cache` row by row.
 
         The stack runs at position 0 (RoPE is the identity there): the retrieval attention rotates queries and keys
@@ -511,12 +512,14 @@ class LandmarkLlamaModel(LandmarkLlamaPreTrainedModel, LlamaModel):
         chunk_length = cache.settings.prefill_chunk_length
         total = internal_embeds.shape[1]
         cache.reserve(total + chunk_length)  # the stores are allocated once for the whole input
+        if cache.settings.offload_to_cpu and not per_layer_outputs:
+            return self._forward_layer_major(internal_embeds, lengths, cache, **kwargs)
         last_hidden, hidden_states = [], []
         for begin in range(0, total, chunk_length):
             chunk = internal_embeds[:, begin : begin + chunk_length]
             width = chunk.shape[1]
             chunk_lengths = (lengths - begin).clamp(0, width)
-            if static and not cache.stages_blocks(width):  # no host reads: chunks of a width replay one graph
+            if static:  # no host reads: the chunks of one width replay one captured graph
                 step = partial(self._static_pass, cache=cache, most_blocks=cache.plan_static_pass(width), **kwargs)
                 graph = self._step_graph(cache, "chunk", chunk)
                 last_hidden.append(graph(step, chunk, chunk_lengths, cache.buffers()))
@@ -533,6 +536,30 @@ class LandmarkLlamaModel(LandmarkLlamaPreTrainedModel, LlamaModel):
         if outputs.hidden_states is not None:
             outputs.hidden_states = tuple(torch.cat(per_layer, 1) for per_layer in zip(*hidden_states))
         return outputs
+
+    def _forward_layer_major(self, internal_embeds, lengths, cache, **kwargs):
+        """The stack over an input continuing an offloaded cache, layer by layer: every chunk through one layer before
+        the next, which gives each chunk what the chunk-by-chunk order gives it (a layer's chunk depends on the layer
+        below at that chunk and on its own earlier chunks). One layer's blocks are on the device at a time
+        (`BlockStager`), so a prompt's keys and values travel to the host once and never back."""
+        chunk_length = cache.settings.prefill_chunk_length
+        chunks = cache.plan_chunks(lengths, chunk_length, internal_embeds.shape[1])
+        at_zero = torch.zeros(1, chunk_length, dtype=torch.long, device=internal_embeds.device)
+        hidden, rotations = internal_embeds, {}
+        for decoder_layer in self.layers[: self.config.num_hidden_layers]:
+            cache.stager.hold(cache.layers[decoder_layer.self_attn.layer_idx], chunks[0][1].most_blocks)
+            outputs = []
+            for begin, chunk in chunks:
+                states = hidden[:, begin : begin + chunk_length]
+                width = states.shape[1]
+                if width not in rotations:  # RoPE at position 0: the retrieval attention rotates by itself
+                    rotations[width] = self.rotary_emb(states, at_zero[:, :width])
+                cache.chunk = chunk
+                outputs.append(decoder_layer(states, attention_mask=None, position_ids=at_zero[:, :width],
+                                             position_embeddings=rotations[width], retrieval_cache=cache, **kwargs))
+            hidden = torch.cat(outputs, 1)
+        cache.finish_chunks(lengths, len(chunks))
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden))
 
 
 def _set_cache_rope(cache, rotary_emb):

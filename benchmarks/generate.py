@@ -18,7 +18,7 @@ theta 500,000). Paths:
 Each path is timed after a warm-up generate (at the timed shape for the compiled path, which compiles there; at a
 short prompt for the others). Decode time per token is the median gap between host timestamps of consecutive new
 tokens (a streamer whose put() copies the token to the host); prefill is the time to the first new token. Peak GPU
-memory: torch.cuda.max_memory_allocated of the timed run; host: the process's resident memory after it. Each run
+memory: torch.cuda.max_memory_allocated of the timed run; host: the process's peak resident memory so far. Each run
 writes OUT_DIR/generate-<shape>-<batch>.json; --report merges them into generate.{json,md,png}.
 """
 
@@ -26,6 +26,7 @@ import argparse
 import datetime
 import gc
 import json
+import resource
 import statistics
 import sys
 import time
@@ -63,11 +64,8 @@ class Stamps(BaseStreamer):
 
 
 def host_gib():
-    try:
-        import psutil
-    except ImportError:
-        return None
-    return psutil.Process().memory_info().rss / 2**30
+    """The process's peak resident memory so far (an offloaded cache is freed by the time generate returns)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def timed(model, prompt, new_tokens, **kwargs):
@@ -202,7 +200,7 @@ def report(folders):
             host = "-" if r["host_gib"] is None else f"{r['host_gib']:.1f}"
             tokens_per_s = f"{1e3 * r['batch'] / r['ms_per_token']:.0f}"
             cells = [f"{r['prefill_s']:.2f}", f"{r['ms_per_token']:.1f}", tokens_per_s, f"{r['peak_gib']:.1f}", host,
-                     ""]
+                     r.get("note", "")]
         table.append("| " + " | ".join([r["shape"], str(r["batch"]), LABELS[r["path"]], str(r["prompt"])] + cells)
                      + " |")
     runs = sorted({(r["date"], r["device"], r["versions"], r["command"]) for r in rows})

@@ -61,8 +61,28 @@ def test_offloaded_beam_search_equals_the_device_cache():
     assert torch.equal(offloaded, on_device)
 
 
+def test_offloaded_prompt_runs_layer_by_layer_and_continues_like_the_device_cache():
+    """Prompts that continue an offloaded cache run layer by layer (the layer's blocks of the first forward reloaded
+    once); asking for per-layer hidden states runs chunk by chunk instead. Both equal the cache kept on the device."""
+    model = tiny_landmark_model(train_context_length=64, retrieval_top_k=2)
+    first, second = random_ids(2, 130), random_ids(2, 95, seed=5)
+    with torch.no_grad():
+        results = []
+        for offload in (False, True):
+            cache = LandmarkRetrievalCache(model.config, offload_to_cpu=offload)
+            model(first, **{CACHE: cache})
+            out = model(second, **{CACHE: cache}, output_hidden_states=True)
+            layer_major = model(random_ids(2, 50, seed=9), **{CACHE: cache}).logits
+            results.append((out.logits, out.hidden_states, layer_major))
+    (logits, hidden, later), (offloaded_logits, offloaded_hidden, offloaded_later) = results
+    torch.testing.assert_close(offloaded_logits, logits, atol=1e-5, rtol=1e-5)
+    for a, b in zip(offloaded_hidden, hidden, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(offloaded_later, later, atol=1e-5, rtol=1e-5)
+
+
 def _slot_layer(batch, kv_heads, capacity, block_size, head_dim, slots):
-    layer = OffloadedCacheLayer(block_size, ring_blocks=2, slots=slots, stager=None, index=0)
+    layer = OffloadedCacheLayer(block_size, ring_blocks=2, slots=slots, stager=None)
     layer.planned_blocks = capacity
     layer.lazy_initialization(torch.zeros(batch, kv_heads, 1, head_dim), torch.zeros(batch, kv_heads, 1, head_dim))
     layer.keys.copy_(torch.randn(layer.keys.shape))
