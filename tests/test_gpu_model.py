@@ -160,6 +160,14 @@ def test_trainer_bf16_step_on_the_kernel_path(tmp_path):
     assert all(abs(a - b) < 0.05 for a, b in zip(losses["triton"], losses["eager"]))
 
 
+def _two_rows(length, padding):
+    """Two prompts of `length` columns, the second left-padded by `padding`."""
+    ids = random_ids(2, length)
+    mask = torch.ones_like(ids)
+    mask[1, :padding] = 0
+    return ids, mask
+
+
 def _greedy(model, ids, mask, **settings):
     out = model.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False, output_scores=True,
                          return_dict_in_generate=True, **settings)
@@ -179,9 +187,7 @@ def test_graph_captured_decoding_equals_plain_steps_and_the_cpu(backend, granula
     model = tiny_landmark_model(block_size=16, train_context_length=256, retrieval_top_k=3,
                                 attention_backend=backend, **GPU_MODEL)
     settings = dict(retrieval_granularity=granularity)
-    ids = random_ids(2, 600)
-    mask = torch.ones_like(ids)
-    mask[1, :200] = 0
+    ids, mask = _two_rows(600, 200)
     with torch.no_grad():
         cpu_tokens, cpu_scores = _greedy(model, ids, mask, **settings)
         model.cuda()
@@ -234,9 +240,7 @@ def test_offloaded_cache_on_cuda_gives_the_tokens_of_the_cpu(granularity, cuda_g
     model = tiny_landmark_model(block_size=16, train_context_length=256, retrieval_top_k=3, attention_backend="auto",
                                 **GPU_MODEL)
     settings = dict(retrieval_granularity=granularity, cuda_graphs=cuda_graphs)
-    ids = random_ids(2, 1200)  # 80 blocks a row: more than the 48 slots of a key/value head
-    mask = torch.ones_like(ids)
-    mask[1, :300] = 0
+    ids, mask = _two_rows(1200, 300)  # 80 blocks a row: more than the 48 slots of a key/value head
     with torch.no_grad():
         cpu_tokens, cpu_scores = _greedy(model, ids, mask, **settings)
         model.cuda()
