@@ -545,19 +545,22 @@ class LandmarkLlamaModel(LandmarkLlamaPreTrainedModel, LlamaModel):
         chunk_length = cache.settings.prefill_chunk_length
         chunks = cache.plan_chunks(lengths, chunk_length, internal_embeds.shape[1])
         at_zero = torch.zeros(1, chunk_length, dtype=torch.long, device=internal_embeds.device)
-        hidden, rotations = internal_embeds, {}
+        # two buffers of the whole input's hidden states, each layer reading one and writing the other
+        hidden, written, rotations = internal_embeds, torch.empty_like(internal_embeds), {}
         for decoder_layer in self.layers[: self.config.num_hidden_layers]:
             cache.stager.hold(cache.layers[decoder_layer.self_attn.layer_idx], chunks[0][1].most_blocks)
-            outputs = []
             for begin, chunk in chunks:
                 states = hidden[:, begin : begin + chunk_length]
                 width = states.shape[1]
                 if width not in rotations:  # RoPE at position 0: the retrieval attention rotates by itself
                     rotations[width] = self.rotary_emb(states, at_zero[:, :width])
                 cache.chunk = chunk
-                outputs.append(decoder_layer(states, attention_mask=None, position_ids=at_zero[:, :width],
-                                             position_embeddings=rotations[width], retrieval_cache=cache, **kwargs))
-            hidden = torch.cat(outputs, 1)
+                written[:, begin : begin + width] = decoder_layer(
+                    states, attention_mask=None, position_ids=at_zero[:, :width], position_embeddings=rotations[width],
+                    retrieval_cache=cache, **kwargs,
+                )
+            hidden, written = written, hidden
+        del written
         cache.finish_chunks(lengths, len(chunks))
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden))
 
