@@ -25,10 +25,11 @@ from transformers.models.llama.modeling_llama import rotate_half
 from .configuration_landmark_llama import RETRIEVAL_GRANULARITIES, RETRIEVAL_POSITIONS, check_choice
 
 
-try:  # the device-side block copies of the offloaded cache; the CPU copies with PyTorch
+try:  # the device-side block copies of the offloaded cache and the fused selection; the CPU runs PyTorch
     from .block_copy import copy_blocks as copy_blocks_triton
+    from .block_selection import select_blocks as select_blocks_triton
 except ImportError:
-    copy_blocks_triton = None
+    copy_blocks_triton = select_blocks_triton = None
 
 
 TIE_TOLERANCE = 1e-5  # relative: scores this close are equal (see `top_blocks`)
@@ -359,10 +360,11 @@ class LandmarkCacheLayer(CacheLayerMixin):
         """Called after `update` wrote the blocks `written` [batch, local_blocks] (at `local_index` of the local
         store) and their landmark keys, rotated by offset, [batch, kv_heads, local_blocks, head_dim]."""
 
-    def retrieve(self, query, chunk, settings, inv_freq, scaling):
+    def retrieve(self, query, chunk, settings, inv_freq, scaling, use_kernel=False):
         """Select blocks for the chunk's queries [batch, q_heads, width, head_dim] (rotated to their true positions).
 
-        Returns None when no row has a complete block yet, else `RetrievedBlocks`.
+        Returns None when no row has a complete block yet, else `RetrievedBlocks`. `use_kernel`: per-token selection
+        runs as one Triton kernel (`select_blocks_triton`), which computes the same.
         """
         block_size, top_k = self.block_size, settings.retrieval_top_k
         blocks = chunk.start // block_size  # complete blocks of each row
@@ -383,6 +385,11 @@ class LandmarkCacheLayer(CacheLayerMixin):
             window_start = ((blocks - row_k - 1) * block_size)[:, None, None, None]
             return row_k, exists, older, window_start
 
+        if use_kernel and settings.retrieval_granularity == "token":
+            selected, valid, block_start = select_blocks_triton(
+                query, self.landmarks, self.in_block_landmarks(self.landmarks.shape[1]), blocks, num_blocks,
+                block_size, top_k, stingy, inv_freq, scaling, TIE_TOLERANCE)
+            return self.retrieved(selected, valid, block_start, chunk)
         row_k, exists, older, window_start = chunk.once("block masks", block_masks)
 
         # 1. score every complete block by its landmark key

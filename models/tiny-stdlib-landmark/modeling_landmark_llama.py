@@ -162,7 +162,7 @@ def landmark_retrieval_attention(query, key, value, cache, layer_idx, scaling, u
         (chunk.start[:, None] + offsets)[:, None], cache.inv_freq, query.dtype))
     query = apply_rope(query, None, None, rotation)
     local_keys, local_values = layer.update(key, value, chunk, cache.inv_freq)
-    retrieved = layer.retrieve(query, chunk, cache.settings, cache.inv_freq, scaling)
+    retrieved = layer.retrieve(query, chunk, cache.settings, cache.inv_freq, scaling, use_kernel)
     if use_kernel:
         local = layer.local_keys, layer.local_values
         if retrieved is None:  # nothing to retrieve yet: an empty table

@@ -1,0 +1,51 @@
+"""The fused per-token block selection (`kernels/block_selection.py`) against the cache's PyTorch selection
+(`LandmarkCacheLayer.retrieve`), which `test_retrieval_cache.py` checks against the training form and the paper's
+code: the same blocks, validity and starts, for stingy and true positions, GQA, rows with no or fewer than k blocks,
+exact ties, and a static bound above every row's blocks. Runs under TRITON_INTERPRET=1 on the CPU."""
+
+import pytest
+import torch
+
+from landmark_llama.cache_landmark_llama import ChunkPositions, LandmarkCacheLayer, RetrievalSettings
+
+
+def _layer(batch, kv_heads, capacity, block_size, head_dim, generator):
+    layer = LandmarkCacheLayer(block_size)
+    layer.planned_blocks = capacity
+    layer.lazy_initialization(torch.zeros(batch, kv_heads, 1, head_dim), torch.zeros(batch, kv_heads, 1, head_dim))
+    layer.keys.copy_(torch.randn(layer.keys.shape, generator=generator))
+    layer.landmarks.copy_(torch.randn(layer.landmarks.shape, generator=generator))
+    return layer
+
+
+@pytest.mark.parametrize("positions", ["stingy", "true"])
+@pytest.mark.parametrize(
+    "batch, q_heads, kv_heads, width, head_dim, block_size, top_k, capacity",
+    [
+        (3, 4, 2, 3, 16, 8, 3, 20),  # GQA; rows with 0, 2 (< k) and many blocks
+        (2, 3, 1, 2, 80, 7, 4, 9),  # head_dim and block size no powers of two
+        (1, 2, 2, 1, 32, 51, 2, 300),  # the paper's block size, one query, more blocks than a tile
+    ],
+)
+def test_fused_selection_equals_the_pytorch_selection(positions, batch, q_heads, kv_heads, width, head_dim,
+                                                      block_size, top_k, capacity):
+    generator = torch.Generator().manual_seed(capacity + width)
+    layer = _layer(batch, kv_heads, capacity, block_size, head_dim, generator)
+    complete = torch.randint(capacity // 2, capacity - 1, (batch,), generator=generator)
+    if batch == 3:
+        complete[:2] = torch.tensor([0, 2])
+    layer.keys[:, :4, :, block_size - 1] = layer.keys[:, 4:5, :, block_size - 1]  # stingy scores tie exactly
+    layer.landmarks[:, 5:8] = layer.landmarks[:, 8:9]  # true scores tie exactly
+    start = complete * block_size + torch.randint(0, block_size - 1, (batch,), generator=generator)
+    bound = capacity - 1  # a static pass scores more blocks than any row has
+    chunk = ChunkPositions(start, torch.full((batch,), width), bound, block_size - 1, torch.tensor(0))
+    query = torch.randn(batch, q_heads, width, head_dim, generator=generator)
+    settings = RetrievalSettings(top_k, "token", positions, 10, True, False)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    expected = layer.retrieve(query, chunk, settings, inv_freq, 0.3)
+    fused = layer.retrieve(query, chunk, settings, inv_freq, 0.3, use_kernel=True)
+    assert torch.equal(fused.valid, expected.valid)
+    assert torch.equal(fused.blocks, expected.blocks)
+    assert torch.equal(fused.starts, expected.starts)
+    if batch == 3:  # the row without blocks picks none, the row with two picks both
+        assert not expected.valid[0].any() and (expected.valid[1].sum(-1) == 2).all()
