@@ -51,6 +51,21 @@ def test_offloaded_cache_generates_what_the_device_cache_does(monkeypatch, granu
     assert sum(fetches) / len(cache.layers) / 2 > layer.slots  # (keys and values) slots were reused
 
 
+def test_offloaded_stores_grow_past_the_decoding_headroom():
+    """300 new tokens outgrow the planned host and device stores (32 blocks of headroom): grown in place of the old
+    ones, with the same tokens as the cache kept on the device."""
+    model = tiny_landmark_model(train_context_length=64, retrieval_top_k=2)
+    prompt = random_ids(2, 50)
+    settings = dict(max_new_tokens=300, min_new_tokens=300, do_sample=False)
+    with torch.no_grad():
+        on_device = model.generate(prompt, **settings)
+        cache = LandmarkRetrievalCache(model.config, offload_to_cpu=True)
+        offloaded = model.generate(prompt, **{CACHE: cache}, **settings)
+    assert torch.equal(offloaded, on_device)
+    planned = (50 + 50 // 7 + 40) // 8 + 2 + 32  # what the prompt planned (LandmarkRetrievalCache.reserve)
+    assert cache.layers[0].keys.shape[1] > planned and cache.layers[0].landmarks.shape[1] > planned
+
+
 def test_offloaded_beam_search_equals_the_device_cache():
     model = tiny_landmark_model(train_context_length=64, retrieval_top_k=2)
     prompt = random_ids(2, 90)
