@@ -13,8 +13,9 @@
 #          -> OUT_DIR/sweep/tile_sweep.json, OUT_DIR/sweep.log                      (about 1.5 min)
 #   train  benchmarks/train_step.py: a training step of the Llama 3.2 1B shape, stock Llama (SDPA) against
 #          landmark-llama at block 64 and 51, at 16x512, 4x2k, 1x8k -> OUT_DIR/train/, OUT_DIR/train.log (about 3 min)
-#   generate  benchmarks/generate.py: long-prompt generation, landmark-llama's retrieval cache against stock Llama's
-#          dynamic and static+compile caches; options in $GENERATE_OPTIONS (shape, lengths, paths, batch)
+#   generate  benchmarks/generate.py: long-prompt generation, landmark-llama's retrieval cache (kept on the GPU or
+#          offloaded to host memory) against stock Llama's dynamic and static+compile caches; options in
+#          $GENERATE_OPTIONS (shape, lengths, paths, batch)
 #          -> OUT_DIR/generate/generate-<shape>-<batch>.json, OUT_DIR/generate.log; merge runs with --report
 #   tiny   the shipped model's recipe (train/recipes/tiny_stdlib.sh), landmark and stock baseline trained at once,
 #          then a pass key check of both on the GPU (20 prompts a length) -> OUT_DIR/tiny/, OUT_DIR/tiny.log,
