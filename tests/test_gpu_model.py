@@ -231,9 +231,9 @@ def test_graph_captured_decoding_equals_plain_steps_and_the_cpu(backend, granula
 @pytest.mark.parametrize("cuda_graphs", [True, False])
 def test_offloaded_cache_on_cuda_gives_the_tokens_of_the_cpu(granularity, cuda_graphs):
     """Host offload on the GPU with the kernels: pinned host stores written and read in place by the block-copy
-    kernel, prefill chunks staged on the side stream, decoding steps fetching into the slots (more blocks than
-    slots). Greedy tokens of a small fp32 model equal the CPU eager path's without offload; in bf16, the tokens and
-    scores of the cache kept on the GPU."""
+    kernel, a prompt run layer by layer with each layer's blocks held on the GPU, decoding steps fetching into the
+    slots (more blocks than slots). Greedy tokens of a small fp32 model equal the CPU eager path's without offload; in
+    bf16, the tokens and scores of the cache kept on the GPU."""
     from landmark_llama.cache_landmark_llama import LandmarkRetrievalCache
     from landmark_llama.modeling_landmark_llama import _CACHE_FIELD
 
