@@ -1,9 +1,10 @@
 """Attention benchmark: the Triton landmark kernel against an eager landmark path and torch SDPA (flash, cuDNN).
 
-    python benchmarks/attention.py --out OUT_DIR [--lengths 2048 4096 8192 16384 32768]
+    python benchmarks/attention.py --out OUT_DIR [--shapes 16x512 4x2048 1x2048 1x4096 ... 1x32768]
 
-Setting (fixed): bf16, batch 1, 32 query heads of 128, block_size 64; every length with 32 kv heads (MHA) and
-with 8 kv heads (GQA 32/8). Each provider is timed with triton.testing.do_bench (median ms, CUDA events) for the
+Setting (fixed): bf16, 32 query heads of 128, block_size 64; every batch x length shape with 32 kv heads (MHA) and
+with 8 kv heads (GQA 32/8). The default shapes are the fine-tuning ones (16 x 512, 4 x 2k) and batch 1 from 2k to
+32k. Each provider is timed with triton.testing.do_bench (median ms, CUDA events) for the
 forward and for forward+backward, with its peak memory (torch.cuda.max_memory_allocated above the inputs).
 
 FLOPs (causal attention, the usual convention, landmark attention counted like causal attention):
@@ -37,7 +38,8 @@ sys.path.insert(0, str(ROOT))
 import kernels.landmark_attention as landmark_kernels  # noqa: E402
 from kernels.landmark_attention import landmark_attention  # noqa: E402
 
-BATCH, Q_HEADS, HEAD_DIM, BLOCK_SIZE, DTYPE = 1, 32, 128, 64, torch.bfloat16
+Q_HEADS, HEAD_DIM, BLOCK_SIZE, DTYPE = 32, 128, 64, torch.bfloat16
+SHAPES = ["16x512", "4x2048", "1x2048", "1x4096", "1x8192", "1x16384", "1x32768"]
 EAGER_MAX_LEN = 4096  # the eager path keeps [b, h, n, n] fp32 weights: 2 GiB at 4k, 8 GiB at 8k (times a few)
 
 
@@ -81,8 +83,8 @@ def make_providers():
     return providers
 
 
-def causal_flops(n, mode):
-    fwd = 2 * 2 * BATCH * Q_HEADS * n * n * HEAD_DIM / 2
+def causal_flops(batch, n, mode):
+    fwd = 2 * 2 * batch * Q_HEADS * n * n * HEAD_DIM / 2
     return fwd if mode == "fwd" else 3.5 * fwd
 
 
@@ -109,22 +111,31 @@ def measure(fn, q, k, v, do, mode):
     return ms, peak
 
 
-def run(lengths, out_dir):
+def parse_shape(text):
+    """'16x512' -> (16, 512)."""
+    batch, _, n = text.partition("x")
+    try:
+        return int(batch), int(n)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a shape is BATCHxLENGTH, like 16x512; got {text!r}") from None
+
+
+def run(shapes):
     providers = make_providers()
     results = []
     for kv_heads in (Q_HEADS, 8):
-        for n in lengths:
-            q, k, v = (torch.randn(BATCH, h, n, HEAD_DIM, device="cuda", dtype=DTYPE).requires_grad_()
+        for batch, n in shapes:
+            q, k, v = (torch.randn(batch, h, n, HEAD_DIM, device="cuda", dtype=DTYPE).requires_grad_()
                        for h in (Q_HEADS, kv_heads, kv_heads))
             do = torch.randn_like(q)
             for name, fn in providers.items():
-                if name == "landmark-eager" and n > EAGER_MAX_LEN:
+                if name == "landmark-eager" and batch * n > EAGER_MAX_LEN:
                     continue
                 for mode in ("fwd", "fwd+bwd"):
-                    row = dict(provider=name, kv_heads=kv_heads, n=n, mode=mode)
+                    row = dict(provider=name, kv_heads=kv_heads, batch=batch, n=n, mode=mode)
                     try:
                         ms, peak = measure(fn, q, k, v, do, mode)
-                        row.update(ms=ms, tflops=causal_flops(n, mode) / ms * 1e-9, peak_mib=peak)
+                        row.update(ms=ms, tflops=causal_flops(batch, n, mode) / ms * 1e-9, peak_mib=peak)
                     except Exception as exc:  # noqa: BLE001 - an unsupported backend is reported, not fatal
                         row.update(error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
                     torch.cuda.empty_cache()
@@ -149,7 +160,7 @@ def write(results, out_dir, command):
         device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
         cuda=torch.version.cuda, python=platform.python_version(),
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), command=command,
-        setting=f"{DTYPE}, batch {BATCH}, {Q_HEADS} q heads of {HEAD_DIM}, block_size {BLOCK_SIZE}",
+        setting=f"{DTYPE}, {Q_HEADS} q heads of {HEAD_DIM}, block_size {BLOCK_SIZE}",
         autotuned=tuned_configs(),
     )
     (out_dir / "attention.json").write_text(json.dumps(dict(meta=meta, results=results), indent=1))
@@ -163,23 +174,23 @@ def write(results, out_dir, command):
         title = "MHA 32/32" if kv_heads == Q_HEADS else f"GQA {Q_HEADS}/{kv_heads}"
         for mode in ("fwd", "fwd+bwd"):
             lines += [f"## {title}, {mode}: median ms / TFLOP/s / peak MiB", "",
-                      "| n | " + " | ".join(providers) + " |", "|---:|" + "---:|" * len(providers)]
-            for n in sorted({r["n"] for r in results}):
+                      "| batch x n | " + " | ".join(providers) + " |", "|---:|" + "---:|" * len(providers)]
+            for batch, n in sorted({(r["batch"], r["n"]) for r in results}, key=lambda shape: (shape[1], -shape[0])):
                 cells = []
                 for p in providers:
-                    row = next((r for r in results if (r["provider"], r["kv_heads"], r["n"], r["mode"])
-                                == (p, kv_heads, n, mode)), None)
+                    row = next((r for r in results if (r["provider"], r["kv_heads"], r["batch"], r["n"], r["mode"])
+                                == (p, kv_heads, batch, n, mode)), None)
                     if row is None:
                         cells.append("-")
                     elif "error" in row:
                         cells.append("n/a")
                     else:
                         cells.append(f"{row['ms']:.3f} / {row['tflops']:.0f} / {row['peak_mib']:.0f}")
-                lines.append(f"| {n} | " + " | ".join(cells) + " |")
+                lines.append(f"| {batch} x {n} | " + " | ".join(cells) + " |")
             lines.append("")
     errors = [r for r in results if "error" in r]
     if errors:
-        lines += ["Not measured:", ""] + [f"- {r['provider']} {r['mode']} n={r['n']} kv={r['kv_heads']}: "
+        lines += ["Not measured:", ""] + [f"- {r['provider']} {r['mode']} {r['batch']}x{r['n']} kv={r['kv_heads']}: "
                                           f"{r['error']}" for r in errors] + [""]
     lines += ["Autotuned configs (key: head_dim, block_size, kv_group, dtypes):", ""]
     for name, cfgs in meta["autotuned"].items():
@@ -199,11 +210,11 @@ def write(results, out_dir, command):
         for p in providers:
             for kv_heads, style in ((Q_HEADS, "-"), (8, "--")):
                 pts = sorted((r["n"], r["tflops"]) for r in results if r["provider"] == p and r["mode"] == mode
-                             and r["kv_heads"] == kv_heads and "tflops" in r)
+                             and r["kv_heads"] == kv_heads and r["batch"] == 1 and "tflops" in r)
                 if pts:
                     ax.plot(*zip(*pts), style, marker="o", label=f"{p} kv={kv_heads}")
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("sequence length")
+        ax.set_xlabel("sequence length (batch 1)")
         ax.set_ylabel("TFLOP/s")
         ax.set_title(f"{mode}, {meta['device']}")
         ax.grid(alpha=0.3)
@@ -215,20 +226,22 @@ def write(results, out_dir, command):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="folder for attention.md/.json/.png")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768])
+    parser.add_argument("--shapes", type=parse_shape, nargs="+", default=[parse_shape(s) for s in SHAPES],
+                        help="BATCHxLENGTH shapes (default: %(default)s)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/attention.py needs a CUDA GPU")
     torch.manual_seed(0)
     command = "python benchmarks/attention.py " + " ".join(sys.argv[1:])
     # tune on a mid-size problem first (the autotuner keeps the first shape's choice for every length)
+    lengths = [n for _, n in args.shapes]
     for kv_heads in (Q_HEADS, 8):
-        n = 8192 if 8192 in args.lengths or max(args.lengths) >= 8192 else max(args.lengths)
-        q, k, v = (torch.randn(BATCH, h, n, HEAD_DIM, device="cuda", dtype=DTYPE).requires_grad_()
+        n = 8192 if max(lengths) >= 8192 else max(lengths)
+        q, k, v = (torch.randn(1, h, n, HEAD_DIM, device="cuda", dtype=DTYPE).requires_grad_()
                    for h in (Q_HEADS, kv_heads, kv_heads))
         landmark_attention(q, k, v, BLOCK_SIZE).backward(torch.randn_like(q))
         del q, k, v
-    results = run(args.lengths, args.out)
+    results = run(args.shapes)
     write(results, args.out, command)
 
 

@@ -7,7 +7,8 @@
 #          recompilation; the fused retrieval kernel); model-level eager vs Triton (logits and gradients), padding,
 #          peak memory, the retrieval cache and graph-captured decoding against the CPU; $TESTS_FILTER: pytest -k
 #          -> OUT_DIR/tests.log                                                    (about 4.5 min on an H100)
-#   bench  benchmarks/attention.py, 2k-32k, MHA and GQA 32/8, against SDPA flash and cuDNN
+#   bench  benchmarks/attention.py: fine-tuning shapes 16x512 and 4x2k, batch 1 at 2k-32k, MHA and GQA 32/8, against
+#          SDPA flash and cuDNN
 #          -> OUT_DIR/bench/attention.{md,json,png}, OUT_DIR/bench.log             (about 4 min)
 #   sweep  benchmarks/tile_sweep.py at 8k: every tile config of each kernel on its own
 #          -> OUT_DIR/sweep/tile_sweep.json, OUT_DIR/sweep.log                      (about 1.5 min)
