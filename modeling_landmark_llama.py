@@ -544,6 +544,8 @@ class LandmarkLlamaModel(LandmarkLlamaPreTrainedModel, LlamaModel):
         (`BlockStager`), so a prompt's keys and values travel to the host once and never back."""
         chunk_length = cache.settings.prefill_chunk_length
         chunks = cache.plan_chunks(lengths, chunk_length, internal_embeds.shape[1])
+        if not chunks:  # every new token was padding
+            return BaseModelOutputWithPast(last_hidden_state=internal_embeds)
         at_zero = torch.zeros(1, chunk_length, dtype=torch.long, device=internal_embeds.device)
         # two buffers of the whole input's hidden states, each layer reading one and writing the other
         hidden, written, rotations = internal_embeds, torch.empty_like(internal_embeds), {}

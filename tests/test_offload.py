@@ -78,7 +78,8 @@ def test_offloaded_beam_search_equals_the_device_cache():
 
 def test_offloaded_prompt_runs_layer_by_layer_and_continues_like_the_device_cache():
     """Prompts that continue an offloaded cache run layer by layer (the layer's blocks of the first forward reloaded
-    once); asking for per-layer hidden states runs chunk by chunk instead. Both equal the cache kept on the device."""
+    once), an input of padding alone adds nothing; asking for per-layer hidden states runs chunk by chunk instead.
+    All equal the cache kept on the device."""
     model = tiny_landmark_model(train_context_length=64, retrieval_top_k=2)
     first, second = random_ids(2, 130), random_ids(2, 95, seed=5)
     with torch.no_grad():
@@ -86,6 +87,7 @@ def test_offloaded_prompt_runs_layer_by_layer_and_continues_like_the_device_cach
         for offload in (False, True):
             cache = LandmarkRetrievalCache(model.config, offload_to_cpu=offload)
             model(first, **{CACHE: cache})
+            model(first[:, :3], attention_mask=torch.zeros(2, 3, dtype=torch.long), **{CACHE: cache})  # all padding
             out = model(second, **{CACHE: cache}, output_hidden_states=True)
             layer_major = model(random_ids(2, 50, seed=9), **{CACHE: cache}).logits
             results.append((out.logits, out.hidden_states, layer_major))
