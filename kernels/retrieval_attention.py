@@ -244,5 +244,6 @@ def retrieval_attention(query, keys, values, table, starts, row_start, inv_freq,
         q_heads, table.shape[3], local_keys.shape[1], float(sm_scale),
         KV_GROUP=q_heads // kv_heads, BLOCK_SIZE=block_size, BLOCK_PAD=triton.next_power_of_2(block_size),
         HALF=half, HALF_PAD=triton.next_power_of_2(half), num_warps=4 if block_size * half <= 4096 else 8,
+        enable_fp_fusion=True,  # explicit: Triton 3.10 turns the default off
     )
     return out

@@ -1,4 +1,5 @@
-"""Compile the landmark kernels for a Hopper GPU (sm_90) with the installed Triton, without a GPU.
+"""Compile the landmark kernels (training form: every shipped tile config; inference: the retrieval attention, block
+selection and block copy kernels) for a Hopper GPU (sm_90) with the installed Triton, without a GPU.
 
     python tests/compile_kernels.py     (prints one JSON line per compiled kernel)
 
@@ -19,7 +20,10 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+import kernels.block_copy as block_copy  # noqa: E402
+import kernels.block_selection as block_selection  # noqa: E402
 import kernels.landmark_attention as lk  # noqa: E402
+import kernels.retrieval_attention as retrieval  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 TENSOR_ARGS = {"q", "k", "v", "o", "do", "dq", "dk", "dv"}
@@ -71,6 +75,40 @@ def report(kernel, dtype, head_dim, block_size, block_tokens, config, compiled):
                           shared=compiled.metadata.shared)), flush=True)
 
 
+# The inference kernels at the Llama 3 8B shape (bf16, 32 query heads over 8 of 128, block 64, top-k 4): pointer
+# element types by argument (the rest are i32, or fp32 where named), and the constants a launch passes.
+FLOAT_ARGS = {"sm_scale", "scale", "tie_tolerance"}
+INFERENCE_KERNELS = {
+    "retrieval_attention": (
+        retrieval._retrieval_attention_kernel,
+        dict(q="bf16", keys="bf16", values="bf16", local_keys="bf16", local_values="bf16", table="i64", starts="i64",
+             row_start="i64", inv_freq="fp32", out="bf16"),
+        dict(KV_GROUP=4, BLOCK_SIZE=64, BLOCK_PAD=64, HALF=64, HALF_PAD=64), 8),
+    "block_selection": (
+        block_selection._select_blocks_kernel,
+        dict(q="fp32", landmarks="bf16", in_block="bf16", blocks="i64", inv_freq="fp32", scratch="fp32",
+             selected="i64", valid="i1", starts="i64"),
+        dict(KV_GROUP=4, STINGY=True, BLOCK_SIZE=64, HALF=64, HALF_PAD=64, K_PAD=4, TILE=block_selection.TILE), 4),
+    "block_copy": (
+        block_copy._copy_blocks_kernel,
+        dict(src="bf16", dst="bf16", src_blocks="i64", dst_blocks="i64"),
+        dict(BLOCK_ELEMENTS=64 * 128, TILE=block_copy.TILE), 4),
+}
+
+
+def compile_inference_kernel(fn, pointers, constants, num_warps):
+    signature = {}
+    for name in fn.arg_names:
+        if name in constants:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = "*" + pointers[name]
+        else:
+            signature[name] = "fp32" if name in FLOAT_ARGS else "i32"
+    return triton.compile(ASTSource(fn, signature, constants), target=TARGET,
+                          options=dict(num_warps=num_warps, num_stages=1, enable_fp_fusion=True))
+
+
 def main():
     assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTERPRET=1"
     for dtype, head_dim, block_size, block_tokens, q_heads, kv_heads, every_config in CASES:
@@ -84,6 +122,10 @@ def main():
         compiled = compile_one(lk._landmark_bwd_preprocess_kernel, dtype, head_dim, block_size,
                                dict(Q_HEADS=q_heads, BLOCK_M=64), 4, 2)
         report("preprocess", dtype, head_dim, block_size, block_tokens, "BLOCK_M: 64", compiled)
+    for name, (fn, pointers, constants, num_warps) in INFERENCE_KERNELS.items():
+        compiled = compile_inference_kernel(fn, pointers, constants, num_warps)
+        print(json.dumps(dict(kernel=name, cubin_bytes=len(compiled.asm["cubin"]), shared=compiled.metadata.shared)),
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -90,4 +90,5 @@ def copy_blocks(src, dst, src_blocks, dst_blocks):
         dst.stride(0), dst.stride(1), dst.stride(2),
         src_blocks.stride(0), src_blocks.stride(1),
         heads, BLOCK_ELEMENTS=elements, TILE=min(TILE, triton.next_power_of_2(elements)), num_warps=4,
+        enable_fp_fusion=True,  # explicit: Triton 3.10 turns the default off
     )

@@ -190,5 +190,6 @@ def select_blocks(query, landmarks, in_block_landmarks, blocks, num_blocks, bloc
         q_heads, n, num_blocks, k, top_k, float(scale), float(tie_tolerance),
         KV_GROUP=q_heads // kv_heads, STINGY=bool(stingy), BLOCK_SIZE=block_size, HALF=half,
         HALF_PAD=triton.next_power_of_2(half), K_PAD=triton.next_power_of_2(k), TILE=TILE, num_warps=4,
+        enable_fp_fusion=True,  # explicit: Triton 3.10 turns the default off
     )
     return selected, valid, starts
