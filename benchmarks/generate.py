@@ -3,6 +3,7 @@
     PYTHONPATH=DIR_WITH_landmark_llama python benchmarks/generate.py --out OUT_DIR --shape llama2-7b \
         --lengths 8192 32768 [--paths landmark stock-dynamic stock-static] [--batch 1] [--new_tokens 64]
     python benchmarks/generate.py --report OUT_DIR [MORE_DIRS ...]   (table, JSON and plot of every run found)
+    python benchmarks/generate.py --out OUT_DIR --profile decode|prefill --lengths 32768 [--paths landmark-offload]
 
 Shapes, bf16, random weights (the same draw for both models: stock Llama's weights are loaded into landmark-llama,
 whose one extra vocabulary row is the landmark): `llama2-7b` (hidden 4096, 32 layers, 32 heads of 128, MHA,
@@ -150,34 +151,57 @@ def run(args):
 
 
 def profile(args):
-    """Where a decoding step's GPU time goes: the kernels of a few plain (not graph-captured) steps of our path after
-    a prompt of the first length, by total CUDA time -> OUT_DIR/profile-<shape>.txt."""
+    """Where our path's GPU and host time goes: `--profile decode`, the kernels of a few plain (not graph-captured)
+    decoding steps after a prompt of the first length; `--profile prefill`, that prompt's prefill (CPU and CUDA
+    activity: an offloaded prefill is bound by the host). The first of --paths that is ours (`landmark` or
+    `landmark-offload`) -> OUT_DIR/profile-<shape>[-prefill][-offload].txt."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     from landmark_llama import LandmarkRetrievalCache
     from landmark_llama.modeling_landmark_llama import _CACHE_FIELD
 
+    path = next(p for p in args.paths + ["landmark"] if p.startswith("landmark"))
     _, landmark, _ = build_models(args.shape)
     prompt = torch.randint(3, SHAPES[args.shape]["vocab_size"], (args.batch, args.lengths[0]), device="cuda")
-    cache = LandmarkRetrievalCache(landmark.config, cuda_graphs=False)
+
+    def new_cache():
+        return LandmarkRetrievalCache(landmark.config, cuda_graphs=args.profile == "prefill", **PATHS[path])
+
     steps = 4
     with torch.no_grad():
-        token = landmark(prompt, **{_CACHE_FIELD: cache}).logits[:, -1:].argmax(-1)
-        token = landmark(token, **{_CACHE_FIELD: cache}).logits[:, -1:].argmax(-1)
-        torch.cuda.synchronize()
-        with torch_profile(activities=[ProfilerActivity.CUDA]) as trace:
-            for _ in range(steps):
-                token = landmark(token, **{_CACHE_FIELD: cache}).logits[:, -1:].argmax(-1)
+        if args.profile == "prefill":
+            landmark(prompt[:, :2048], **{_CACHE_FIELD: new_cache()}, logits_to_keep=1)  # warm the kernels
             torch.cuda.synchronize()
-    table = trace.key_averages().table(sort_by="cuda_time_total", row_limit=40)
+            start = time.perf_counter()
+            with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as trace:
+                landmark(prompt, **{_CACHE_FIELD: new_cache()}, logits_to_keep=1)
+                torch.cuda.synchronize()
+            per = 1
+            what = f"prefill ({time.perf_counter() - start:.2f} s under the profiler)"
+        else:
+            cache = new_cache()
+            token = landmark(prompt, **{_CACHE_FIELD: cache}).logits[:, -1:].argmax(-1)
+            token = landmark(token, **{_CACHE_FIELD: cache}).logits[:, -1:].argmax(-1)
+            torch.cuda.synchronize()
+            with torch_profile(activities=[ProfilerActivity.CUDA]) as trace:
+                for _ in range(steps):
+                    token = landmark(token, **{_CACHE_FIELD: cache}).logits[:, -1:].argmax(-1)
+                torch.cuda.synchronize()
+            per = steps
+            what = "decoding step"
+    averages = trace.key_averages()
+    table = averages.table(sort_by="cuda_time_total", row_limit=40)
+    if args.profile == "prefill":
+        table = averages.table(sort_by="self_cpu_time_total", row_limit=25) + "\n" + table
     kernels = [event for event in trace.events() if event.device_type == torch.autograd.DeviceType.CUDA]
-    busy = sum(event.device_time for event in kernels) / steps / 1e3
-    summary = (f"{args.shape}, prompt {args.lengths[0]}, batch {args.batch}: {len(kernels) // steps} kernels per "
-               f"decoding step, {busy:.2f} ms of kernel time per step\n")
+    busy = sum(event.device_time for event in kernels) / per / 1e3
+    summary = (f"{args.shape}, {path}, prompt {args.lengths[0]}, batch {args.batch}: {len(kernels) // per} kernels "
+               f"per {what}, {busy:.2f} ms of kernel time each\n")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"profile-{args.shape}.txt").write_text(summary + table)
+    suffix = ("-prefill" if args.profile == "prefill" else "") + ("-offload" if path == "landmark-offload" else "")
+    (out / f"profile-{args.shape}{suffix}.txt").write_text(summary + table)
     print(summary + table)
 
 
@@ -225,7 +249,7 @@ def main():
     parser.add_argument("--paths", nargs="+", choices=list(PATHS), default=list(PATHS))
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--new_tokens", type=int, default=64)
-    parser.add_argument("--profile", action="store_true", help="profile our decoding step instead of timing")
+    parser.add_argument("--profile", choices=["decode", "prefill"], help="profile our path instead of timing")
     args = parser.parse_args()
     if args.report:
         report(args.report)
