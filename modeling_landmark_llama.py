@@ -161,7 +161,7 @@ def landmark_retrieval_attention(query, key, value, cache, layer_idx, scaling, u
     rotation = chunk.once(("query rotation", query.dtype), lambda: rope_rotation(
         (chunk.start[:, None] + offsets)[:, None], cache.inv_freq, query.dtype))
     query = apply_rope(query, None, None, rotation)
-    local_keys, local_values = layer.update(key, value, chunk, cache.inv_freq)
+    local_keys, local_values = layer.update(key, value, chunk, cache.inv_freq, local_parts=not use_kernel)
     retrieved = layer.retrieve(query, chunk, cache.settings, cache.inv_freq, scaling, use_kernel)
     if use_kernel:
         local = layer.local_keys, layer.local_values

@@ -351,3 +351,43 @@ def test_step_graphs_warm_capture_and_replay_like_plain_passes(monkeypatch):
     assert decoding.graph is not None and prefill.graph is not None
     # 300 tokens outgrow the decoding headroom: the stores grew and the decoding step was captured again
     assert events.count("capture") == 3 and events.count("replay") > 290
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_writing_only_the_new_positions_equals_writing_whole_local_blocks(offload):
+    """The kernel path's cache write (new positions only, `local_parts=False`) leaves the stores and landmark keys
+    exactly as the eager path's (whole [tail | chunk] blocks rewritten), over passes of several widths that start
+    mid-block, with rows of different lengths."""
+    from landmark_llama.cache_landmark_llama import (
+        BlockStager, ChunkPositions, LandmarkCacheLayer, OffloadedCacheLayer,
+    )
+
+    block_size, kv_heads, head_dim = 8, 2, 6
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    generator = torch.Generator().manual_seed(4)
+
+    def layer():
+        if offload:
+            return OffloadedCacheLayer(block_size, ring_blocks=4, slots=4, stager=BlockStager())
+        return LandmarkCacheLayer(block_size)
+
+    eager, kernel = layer(), layer()
+    for cache_layer in (eager, kernel):
+        cache_layer.reserve(20)
+    start = torch.tensor([0, 3])
+    for index, (width, lengths) in enumerate([(5, [5, 2]), (2, [2, 2]), (13, [13, 9]), (1, [1, 0]), (2, [1, 2])]):
+        length = torch.tensor(lengths)
+        chunk = ChunkPositions(start.clone(), length, int((start // block_size).max()), block_size - 1,
+                               torch.tensor(index))
+        keys = torch.randn(2, kv_heads, width, head_dim, generator=generator)
+        values = torch.randn(2, kv_heads, width, head_dim, generator=generator)
+        eager.update(keys, values, chunk, inv_freq)
+        chunk.shared.clear()
+        assert kernel.update(keys, values, chunk, inv_freq, local_parts=False) == (None, None)
+        start = start + length
+        for name in eager.STORES:
+            if name in getattr(eager, "HOST", ()):  # host stores hold complete blocks only (the rest is unwritten)
+                for row, complete in enumerate((start // block_size).tolist()):
+                    assert torch.equal(getattr(kernel, name)[row, :complete], getattr(eager, name)[row, :complete])
+            else:
+                assert torch.equal(getattr(kernel, name), getattr(eager, name)), name

@@ -311,12 +311,13 @@ class LandmarkCacheLayer(CacheLayerMixin):
         """A store of `shape` for the tensor `name`, allocated like the tensor `like` (growth keeps its place)."""
         return like.new_zeros(shape)
 
-    def update(self, key_states, value_states, chunk, inv_freq):
+    def update(self, key_states, value_states, chunk, inv_freq, local_parts=True):
         """Write the chunk's keys and values [batch, kv_heads, width, head_dim] behind each row's tail.
 
         Returns the local part every query of the chunk attends to in full, [tail | chunk] laid out from the start of
         the tail's block: keys (rotated by their offset in the block) and values
-        [batch, kv_heads, local_blocks * block_size, head_dim]. `key_states` arrive unrotated.
+        [batch, kv_heads, local_blocks * block_size, head_dim]. `key_states` arrive unrotated. Without `local_parts`
+        (the retrieval kernel reads the store itself) only the new positions are written, and (None, None) returned.
         """
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
@@ -341,14 +342,24 @@ class LandmarkCacheLayer(CacheLayerMixin):
         rotation = chunk.once(("offset rotation", key_states.dtype),
                               lambda: rope_rotation(slots[..., 0] % block_size, inv_freq, key_states.dtype))
         key_states = apply_rope(key_states, None, None, rotation)
-        local = []
-        for store, states in ((self.local_keys, key_states), (self.local_values, value_states)):
-            part = store[rows, local_index].permute(0, 2, 1, 3, 4).flatten(2, 3)  # [batch, kv_heads, positions, dim]
-            part = part.scatter(2, slots.expand(batch, kv_heads, width, states.shape[-1]), states.to(store.dtype))
-            store[rows, local_index] = part.unflatten(2, (local_blocks, block_size)).permute(0, 2, 1, 3, 4)
-            local.append(part)
+        local = [None, None]
+        if local_parts:
+            for i, (store, states) in enumerate(((self.local_keys, key_states), (self.local_values, value_states))):
+                part = store[rows, local_index].permute(0, 2, 1, 3, 4).flatten(2, 3)  # [batch, kv, positions, dim]
+                part = part.scatter(2, slots.expand(batch, kv_heads, width, states.shape[-1]), states.to(store.dtype))
+                store[rows, local_index] = part.unflatten(2, (local_blocks, block_size)).permute(0, 2, 1, 3, 4)
+                local[i] = part
+            landmark_keys = local[0][:, :, block_size - 1 :: block_size]
+        else:
+            def new_positions():  # [batch, width] local-store block and offset of each new position
+                position = slots[:, 0, :, 0] + (tail_block * block_size)[:, None]
+                return (position // block_size) % ring, position % block_size
+
+            block, offset = chunk.once(("new positions", ring), new_positions)
+            for store, states in ((self.local_keys, key_states), (self.local_values, value_states)):
+                store[rows, block, :, offset] = states.transpose(1, 2).to(store.dtype)
+            landmark_keys = self.local_keys[rows, local_index, :, block_size - 1].transpose(1, 2)
         # landmark keys at their true positions (their block's start on top of their offset), rotated once here
-        landmark_keys = local[0][:, :, block_size - 1 :: block_size]
         rotation = chunk.once(("landmark rotation", landmark_keys.dtype),  # to their block's start: [batch, 1, blocks]
                               lambda: rope_rotation((written * block_size)[:, None], inv_freq, landmark_keys.dtype))
         landmarks = apply_rope(landmark_keys, None, None, rotation)
