@@ -10,6 +10,9 @@ to [retrieved blocks | tail | chunk] with the grouped softmax of the training fo
 Rows are independent: each row of a batch has its own length, tail and selection. Exactly equal landmark scores
 go to the earlier block.
 
+With `offload_to_cpu=True` the layers are `OffloadedCacheLayer`s: the keys and values of complete blocks live in
+host memory, and the device keeps the landmark keys, the recent blocks and the recently retrieved ones.
+
 `generate` creates this cache by itself; a hand-written loop gets it back in the output's cache field
 (`past_key_values`) or may build one: `LandmarkRetrievalCache(model.config, retrieval_top_k=2)`.
 """

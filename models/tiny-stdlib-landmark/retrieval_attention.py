@@ -20,8 +20,9 @@ rotated by o>).
 
 Layout. One program per query and head, an online softmax over blocks: each block is read straight from the store
 (retrieved ones through the block table: no gathered per-query copies), from the query head's key/value head (GQA
-without repeating keys). Scores and softmax in fp32; keys and values in any float dtype; head_dim must be even
-(RoPE rotates pairs).
+without repeating keys). [tail | chunk] may come from a store of its own: the offloaded cache keeps the recent
+blocks in a ring on the device and the retrieved ones in slots. Scores and softmax in fp32; keys and values in any
+float dtype; head_dim must be even (RoPE rotates pairs).
 """
 
 import torch
