@@ -594,12 +594,13 @@ class OffloadedCacheLayer(LandmarkCacheLayer):
     def lazy_initialization(self, key_states, value_states):
         batch, kv_heads, _, head_dim = key_states.shape
         self.dtype, self.device = key_states.dtype, key_states.device
-        blocks, block = (batch, self.planned_blocks, kv_heads, self.block_size, head_dim), key_states.new_zeros
-        self.keys, self.values = (self.new_store(name, blocks, key_states) for name in self.HOST)
-        self.landmarks = block(batch, self.planned_blocks, kv_heads, head_dim)
+        block, zeros = (kv_heads, self.block_size, head_dim), key_states.new_zeros  # one block of a row
+        self.keys, self.values = (self.new_store(name, (batch, self.planned_blocks, *block), key_states)
+                                  for name in self.HOST)
+        self.landmarks = zeros(batch, self.planned_blocks, kv_heads, head_dim)
         self.block_landmarks = torch.zeros_like(self.landmarks)
-        self.ring_keys, self.ring_values = (block(batch, self.ring_blocks, *blocks[2:]) for _ in range(2))
-        self.slot_keys, self.slot_values = (block(batch, self.slots, *blocks[2:]) for _ in range(2))
+        self.ring_keys, self.ring_values = (zeros(batch, self.ring_blocks, *block) for _ in range(2))
+        self.slot_keys, self.slot_values = (zeros(batch, self.slots, *block) for _ in range(2))
         self.slot_blocks = torch.full((batch, kv_heads, self.slots), -1, dtype=torch.long, device=self.device)
         self.slot_used = torch.full_like(self.slot_blocks, -1)
         self.is_initialized = True
