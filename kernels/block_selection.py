@@ -27,6 +27,8 @@ except ImportError as error:
     raise ImportError("block_selection needs Triton (pip install triton); the eager path works without it."
                       ) from error
 
+from .retrieval_attention import _rotate_back  # the rotation the attention kernel applies
+
 __all__ = ["select_blocks"]
 
 TILE = 128  # blocks scored per step of a program's loop
@@ -63,10 +65,7 @@ def _select_blocks_kernel(
     recent_from = complete - row_k  # blocks before it are older than the row's k most recent
     window_start = (complete - row_k - 1) * BLOCK_SIZE
     if STINGY:
-        freq = tl.load(inv_freq + d, mask=in_half, other=0.0)
-        angle = -(window_start * 1.0) * freq
-        cos, sin = tl.cos(angle), tl.sin(angle)
-        r1, r2 = q1 * cos - q2 * sin, q2 * cos + q1 * sin
+        r1, r2 = _rotate_back(q1, q2, tl.load(inv_freq + d, mask=in_half, other=0.0), window_start)
 
     # 1. scores of every block (-inf past the row's complete ones), and the largest magnitude
     largest = 0.0
