@@ -25,6 +25,7 @@ import math
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -88,8 +89,21 @@ def causal_flops(batch, n, mode):
     return fwd if mode == "fwd" else 3.5 * fwd
 
 
+def host_ms(step, calls=20):
+    """Host time a call takes to enqueue its work (no synchronisation inside the loop): where it exceeds the GPU
+    time, the call is bound by Python and launch overhead, and so is do_bench's figure."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        step()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e3
+
+
 def measure(fn, q, k, v, do, mode):
-    """Median ms and peak memory (MiB above what was allocated before) of one provider in one mode."""
+    """Median ms, host ms per call and peak memory (MiB above what was allocated before) of one provider in one
+    mode."""
     if mode == "fwd":
         def step():
             with torch.no_grad():
@@ -108,7 +122,7 @@ def measure(fn, q, k, v, do, mode):
     torch.cuda.synchronize()
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20
     ms = do_bench(step, warmup=25, rep=100, grad_to_none=[q, k, v], return_mode="median")
-    return ms, peak
+    return ms, host_ms(step), peak
 
 
 def parse_shape(text):
@@ -134,8 +148,9 @@ def run(shapes):
                 for mode in ("fwd", "fwd+bwd"):
                     row = dict(provider=name, kv_heads=kv_heads, batch=batch, n=n, mode=mode)
                     try:
-                        ms, peak = measure(fn, q, k, v, do, mode)
-                        row.update(ms=ms, tflops=causal_flops(batch, n, mode) / ms * 1e-9, peak_mib=peak)
+                        ms, host, peak = measure(fn, q, k, v, do, mode)
+                        row.update(ms=ms, host_ms=host, tflops=causal_flops(batch, n, mode) / ms * 1e-9,
+                                   peak_mib=peak)
                     except Exception as exc:  # noqa: BLE001 - an unsupported backend is reported, not fatal
                         row.update(error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
                     torch.cuda.empty_cache()
@@ -173,7 +188,7 @@ def write(results, out_dir, command):
     for kv_heads in sorted({r["kv_heads"] for r in results}, reverse=True):
         title = "MHA 32/32" if kv_heads == Q_HEADS else f"GQA {Q_HEADS}/{kv_heads}"
         for mode in ("fwd", "fwd+bwd"):
-            lines += [f"## {title}, {mode}: median ms / TFLOP/s / peak MiB", "",
+            lines += [f"## {title}, {mode}: median ms / TFLOP/s / peak MiB / host ms a call", "",
                       "| batch x n | " + " | ".join(providers) + " |", "|---:|" + "---:|" * len(providers)]
             for batch, n in sorted({(r["batch"], r["n"]) for r in results}, key=lambda shape: (shape[1], -shape[0])):
                 cells = []
@@ -185,7 +200,8 @@ def write(results, out_dir, command):
                     elif "error" in row:
                         cells.append("n/a")
                     else:
-                        cells.append(f"{row['ms']:.3f} / {row['tflops']:.0f} / {row['peak_mib']:.0f}")
+                        cells.append(f"{row['ms']:.3f} / {row['tflops']:.0f} / {row['peak_mib']:.0f} / "
+                                     f"{row['host_ms']:.3f}")
                 lines.append(f"| {batch} x {n} | " + " | ".join(cells) + " |")
             lines.append("")
     errors = [r for r in results if "error" in r]
@@ -223,26 +239,50 @@ def write(results, out_dir, command):
     fig.savefig(out_dir / "attention.png", dpi=120)
 
 
+def profile_host(path, calls=50):
+    """Where the host time of a small landmark forward+backward goes: the two launchers called from this thread
+    (the autograd engine runs backward on a thread of its own, which cProfile does not follow), by own time."""
+    import cProfile
+    import io
+    import pstats
+
+    q, k, v = (torch.randn(1, h, 2048, HEAD_DIM, device="cuda", dtype=DTYPE) for h in (Q_HEADS, 8, 8))
+    do = torch.randn_like(q)
+
+    def launchers():
+        o, lse = landmark_kernels.landmark_attn_fwd(q, k, v, BLOCK_SIZE)
+        landmark_kernels.landmark_attn_bwd(do, q, k, v, o, lse, BLOCK_SIZE)
+
+    launchers()
+    per_call = host_ms(launchers, calls)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        launchers()
+    profiler.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    text.write(f"landmark_attn_fwd + landmark_attn_bwd, 1 x 2048, GQA 32/8: {per_call:.3f} host ms a call\n")
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
+    path.write_text(text.getvalue())
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="folder for attention.md/.json/.png")
     parser.add_argument("--shapes", type=parse_shape, nargs="+", default=[parse_shape(s) for s in SHAPES],
                         help="BATCHxLENGTH shapes (default: %(default)s)")
+    parser.add_argument("--host-profile", action="store_true",
+                        help="cProfile 50 landmark forward+backward calls at 1 x 2k, GQA: OUT_DIR/host_profile.txt")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/attention.py needs a CUDA GPU")
     torch.manual_seed(0)
     command = "python benchmarks/attention.py " + " ".join(sys.argv[1:])
-    # tune on a mid-size problem first (the autotuner keeps the first shape's choice for every length)
-    lengths = [n for _, n in args.shapes]
-    for kv_heads in (Q_HEADS, 8):
-        n = 8192 if max(lengths) >= 8192 else max(lengths)
-        q, k, v = (torch.randn(1, h, n, HEAD_DIM, device="cuda", dtype=DTYPE).requires_grad_()
-                   for h in (Q_HEADS, kv_heads, kv_heads))
-        landmark_attention(q, k, v, BLOCK_SIZE).backward(torch.randn_like(q))
-        del q, k, v
     results = run(args.shapes)
     write(results, args.out, command)
+    if args.host_profile:
+        profile_host(args.out / "host_profile.txt")
 
 
 if __name__ == "__main__":

@@ -10,10 +10,12 @@
 #   bench  benchmarks/attention.py: fine-tuning shapes 16x512 and 4x2k, batch 1 at 2k-32k, MHA and GQA 32/8, against
 #          SDPA flash and cuDNN
 #          -> OUT_DIR/bench/attention.{md,json,png}, OUT_DIR/bench.log             (about 4 min)
-#   sweep  benchmarks/tile_sweep.py at 8k: every tile config of each kernel on its own
+#   sweep  benchmarks/tile_sweep.py (default at 1 x 8k, MHA and GQA; other shapes and head_dim in $SWEEP_OPTIONS):
+#          every tile config of each kernel on its own, SDPA flash beside
 #          -> OUT_DIR/sweep/tile_sweep.json, OUT_DIR/sweep.log                      (about 1.5 min)
 #   train  benchmarks/train_step.py: a training step of the Llama 3.2 1B shape, stock Llama (SDPA) against
-#          landmark-llama at block 64 and 51, at 16x512, 4x2k, 1x8k -> OUT_DIR/train/, OUT_DIR/train.log (about 3 min)
+#          landmark-llama at block 64 and 51, at 16x512, 4x2k, 1x8k; options (--profile, --shapes, --models) in
+#          $TRAIN_OPTIONS -> OUT_DIR/train/, OUT_DIR/train.log                  (about 3 min)
 #   generate  benchmarks/generate.py: long-prompt generation, landmark-llama's retrieval cache (kept on the GPU or
 #          offloaded to host memory) against stock Llama's dynamic and static+compile caches; options in
 #          $GENERATE_OPTIONS (shape, lengths, paths, batch)
@@ -58,9 +60,9 @@ for step in $steps; do
                    | tee -a "$out_dir/generate.log" || status=1 ;;
         bench) timeout 420 python benchmarks/attention.py --out "$out_dir/bench" 2>&1 | tee "$out_dir/bench.log" \
                    || status=1 ;;
-        sweep) timeout 240 python benchmarks/tile_sweep.py --out "$out_dir/sweep" --n 8192 2>&1 \
+        sweep) timeout 240 python benchmarks/tile_sweep.py --out "$out_dir/sweep" ${SWEEP_OPTIONS:-} 2>&1 \
                    | tee "$out_dir/sweep.log" || status=1 ;;
-        train) timeout 420 python benchmarks/train_step.py --out "$out_dir/train" 2>&1 | tee "$out_dir/train.log" \
+        train) timeout 420 python benchmarks/train_step.py --out "$out_dir/train" ${TRAIN_OPTIONS:-} 2>&1 | tee "$out_dir/train.log" \
                    || status=1 ;;
         tiny) { timeout 480 bash train/recipes/tiny_stdlib.sh "$out_dir/tiny" --time_limit 400 ${TINY_OPTIONS:-} && \
                 timeout 100 python -m landmark_llama.tools.passkey --model "$out_dir/tiny/tiny-stdlib-landmark" \

@@ -45,7 +45,25 @@ def build(kind):
     return model.to(torch.bfloat16).train()
 
 
-def time_steps(model, batch, length, warmup, steps):
+def profile_steps(model, optimizer, ids, path, steps=2):
+    """CUDA time per kernel over `steps` training steps (torch.profiler): the top 40 as a table in `path`, every
+    kernel's device ms a step in `path` with .json (to compare two models kernel by kernel)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    path.write_text(events.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90))
+    per_kernel = {e.key: dict(count=e.count, self_device_ms=getattr(e, "self_device_time_total", 0) / 1e3 / steps)
+                  for e in events}
+    path.with_suffix(".json").write_text(json.dumps(per_kernel, indent=1))
+
+
+def time_steps(model, batch, length, warmup, steps, profile_path=None):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     ids = torch.randint(1, LANDMARK_ID, (batch, length), device="cuda")
     times = []
@@ -63,6 +81,8 @@ def time_steps(model, batch, length, warmup, steps):
             times.append(start.elapsed_time(end) / 1e3)
     step = statistics.median(times)
     peak = torch.cuda.max_memory_allocated() / 2**30
+    if profile_path is not None:
+        profile_steps(model, optimizer, ids, profile_path)
     return {"step_s": step, "tokens_per_s": batch * length / step, "peak_gib": peak, "loss": loss.item()}
 
 
@@ -73,22 +93,26 @@ def main():
     parser.add_argument("--models", nargs="+", default=["stock", "landmark, block 64", "landmark, block 51"])
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--profile", action="store_true",
+                        help="after timing, profile 2 steps of each model and shape: "
+                        "OUT_DIR/profile-<model>-<shape>.txt")
     args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = True
     results = []
     for kind in args.models:
         model = build(kind)
         for shape in args.shapes:
             batch, length = map(int, shape.split("x"))
-            row = dict(model=kind, batch=batch, tokens=length, **time_steps(model, batch, length, args.warmup,
-                                                                            args.steps))
+            profile_path = args.out / f"profile-{kind.replace(', ', '-').replace(' ', '')}-{shape}.txt"
+            row = dict(model=kind, batch=batch, tokens=length, **time_steps(
+                model, batch, length, args.warmup, args.steps, profile_path if args.profile else None))
             results.append(row)
             print(json.dumps(row), flush=True)
         del model
         gc.collect()
         torch.cuda.empty_cache()
 
-    args.out.mkdir(parents=True, exist_ok=True)
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, transformers=transformers.__version__,
                 date=datetime.date.today().isoformat(), command=" ".join(["python", *sys.argv]))
     (args.out / "train_step.json").write_text(json.dumps(dict(meta, results=results), indent=1) + "\n")

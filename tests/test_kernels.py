@@ -263,9 +263,27 @@ def test_backward_is_deterministic():
             assert torch.equal(a, b)
 
 
+def test_autotune_keys_on_powers_of_two():
+    assert [kernel_module._tune_bucket(n) for n in (0, 1, 2, 3, 512, 513, 8322, 32768)] == [
+        1, 1, 2, 4, 512, 1024, 16384, 32768]
+
+
 @pytest.mark.cuda
-def test_no_recompilation_across_lengths():
-    """Only lengths change: the JIT cache of the forward kernel must not grow."""
+def test_autotuner_tunes_each_size_bucket_once():
+    """16 x 512 and 1 x 4096 tokens get their own tuning; another length in a bucket reuses it."""
+    tuned = kernel_module._fwd_tuned
+    for batch, n in ((16, 500), (1, 4000), (16, 510), (1, 3000)):
+        q, k, v = make_inputs(batch, 4, 4, n, n, 48, torch.bfloat16)  # a head_dim no other test uses
+        kernel_module.landmark_attn_fwd(q, k, v, 32)
+    keys = [key for key in tuned.cache if key[:3] == (48, 32, 1)]
+    assert sorted(key[3:5] for key in keys) == [(512, 64), (4096, 4)]
+
+
+@pytest.mark.cuda
+def test_no_recompilation_across_lengths(monkeypatch):
+    """Only lengths change: the JIT cache of the forward kernel must not grow (autotuning off: a new size
+    bucket may choose other tiles, which is a compile the autotuner asks for, not a specialisation)."""
+    monkeypatch.setenv("LANDMARK_ATTN_AUTOTUNE", "0")
     jit = kernel_module._landmark_fwd_kernel
     caches = getattr(jit, "device_caches", None)
     if caches is None:
