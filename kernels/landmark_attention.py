@@ -296,7 +296,7 @@ def _landmark_fwd_kernel(
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
-    n_q, n_k, tune_length, tune_rows, qk_scale,
+    n_q, n_k, qk_scale, tune_length, tune_rows,
     Q_HEADS: tl.constexpr, KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_TOKENS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -416,7 +416,7 @@ def _landmark_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_don,
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
-    n_q, n_k, tune_length, tune_rows, qk_scale, sm_scale,
+    n_q, n_k, qk_scale, sm_scale, tune_length, tune_rows,
     KV_HEADS: tl.constexpr, KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_TOKENS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -492,7 +492,7 @@ def _landmark_bwd_dq_kernel(
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_don,
     stride_dqb, stride_dqh, stride_dqn,
-    n_q, n_k, tune_length, tune_rows, qk_scale, sm_scale,
+    n_q, n_k, qk_scale, sm_scale, tune_length, tune_rows,
     Q_HEADS: tl.constexpr, KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_TOKENS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -585,18 +585,29 @@ def _tune_bucket(size):
     return 1 << max(int(size) - 1, 0).bit_length()
 
 
-def _launch(kernel, tuned, grid_fn, args, **const):
+# The config each autotuned kernel chose, by its key, with the autotuner's cache it came from. The autotuner's
+# own dispatch (a key built from every argument on every call) costs about 50 us of host time a launch, as much
+# as the GPU time of a small tile loop; once it has chosen, the kernel is launched with that config directly.
+_CHOSEN = {}
+
+
+def _launch(kernel, tuned, grid_fn, args, **kwargs):
     """Launch `tuned` (autotuned) on GPUs, or `kernel` with fixed tiles under the interpreter or when
-    autotuning is switched off."""
+    autotuning is switched off. `kwargs` carry the autotuner's key (constexprs and the size buckets)."""
     if _interpreting():
-        meta = {"BLOCK_M": _INTERPRET_BLOCK_M, "BLOCK_N": max(_INTERPRET_BLOCK_N, const["BLOCK_SIZE"])}
-        kernel[grid_fn(meta)](*args, **const, **meta)
-    elif not _autotune_enabled():
-        cfg = _prune(tuned.configs, {}, BLOCK_SIZE=const["BLOCK_SIZE"])[0]
-        kernel[grid_fn(cfg.kwargs)](*args, **const, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                                    **COMPILE_OPTIONS)
+        meta = {"BLOCK_M": _INTERPRET_BLOCK_M, "BLOCK_N": max(_INTERPRET_BLOCK_N, kwargs["BLOCK_SIZE"])}
+        kernel[grid_fn(meta)](*args, **kwargs, **meta)
+        return
+    if not _autotune_enabled():
+        cfg = _prune(tuned.configs, {}, BLOCK_SIZE=kwargs["BLOCK_SIZE"])[0]
     else:
-        tuned[grid_fn](*args, **const, **COMPILE_OPTIONS)
+        key = (tuned, args[0].dtype, *(kwargs[name] for name in tuned.keys))
+        cache, cfg = _CHOSEN.get(key, (None, None))
+        if cache is not tuned.cache:  # not chosen yet, or the autotuner was reset (tests, benchmarks/tile_sweep.py)
+            tuned[grid_fn](*args, **kwargs, **COMPILE_OPTIONS)
+            _CHOSEN[key] = (tuned.cache, tuned.best_config)
+            return
+    kernel[grid_fn(cfg.kwargs)](*args, **kwargs, **cfg.all_kwargs(), **COMPILE_OPTIONS)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -697,7 +708,7 @@ def landmark_attn_fwd(q, k, v, block_size, sm_scale=None, block_tokens=None):
 
     _launch(_landmark_fwd_kernel, _fwd_tuned, grid,
             (q, k, v, o, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], n_q, n_k,
-             _tune_bucket(n_k), _tune_bucket(batch * q_heads), sm_scale * _LOG2E),
+             sm_scale * _LOG2E), tune_length=_tune_bucket(n_k), tune_rows=_tune_bucket(batch * q_heads),
             Q_HEADS=q_heads, KV_GROUP=kv_group, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size,
             BLOCK_TOKENS=block_tokens, DOT_PRECISION=precision, UPCAST_DOT=upcast)
     return o, lse
@@ -731,8 +742,8 @@ def landmark_attn_bwd(do, q, k, v, o, lse, block_size, sm_scale=None, block_toke
 
     _launch(_landmark_bwd_dkdv_kernel, _dkdv_tuned, grid_dkdv,
             (q, k, v, do, lse, delta, dk, dv, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
-             *dk.stride()[:3], *dv.stride()[:3], n_q, n_k, _tune_bucket(n_k),
-             _tune_bucket(batch * q_heads), sm_scale * _LOG2E, sm_scale),
+             *dk.stride()[:3], *dv.stride()[:3], n_q, n_k, sm_scale * _LOG2E,
+             sm_scale), tune_length=_tune_bucket(n_k), tune_rows=_tune_bucket(batch * q_heads),
             KV_HEADS=kv_heads, KV_GROUP=kv_group, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size,
             BLOCK_TOKENS=block_tokens, DOT_PRECISION=precision, UPCAST_DOT=upcast)
 
@@ -741,8 +752,8 @@ def landmark_attn_bwd(do, q, k, v, o, lse, block_size, sm_scale=None, block_toke
 
     _launch(_landmark_bwd_dq_kernel, _dq_tuned, grid_dq,
             (q, k, v, do, lse, delta, dq, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
-             *dq.stride()[:3], n_q, n_k, _tune_bucket(n_k),
-             _tune_bucket(batch * q_heads), sm_scale * _LOG2E, sm_scale),
+             *dq.stride()[:3], n_q, n_k, sm_scale * _LOG2E,
+             sm_scale), tune_length=_tune_bucket(n_k), tune_rows=_tune_bucket(batch * q_heads),
             Q_HEADS=q_heads, KV_GROUP=kv_group, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size,
             BLOCK_TOKENS=block_tokens, DOT_PRECISION=precision, UPCAST_DOT=upcast)
     return dq, dk, dv
