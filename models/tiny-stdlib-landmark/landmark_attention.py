@@ -53,8 +53,8 @@ next power of two: its regular tokens first, its landmark last, phantom position
 kernels mask out like landmarks (BLOCK_TOKENS real positions in a slot of BLOCK_SIZE). The public function
 lays the tensors out so and back: 64/51 = 1.25x the positions for block 51. Lengths are not specialised
 on (no recompilation when only lengths change); the autotuner keys on head_dim, block_size, the GQA
-group and the dtypes, never on lengths, and keeps the choice made on the first shape it sees
-(LANDMARK_ATTN_AUTOTUNE=0 takes the first valid config of each list instead, e.g. in tests). GPUs:
+group, the dtypes and the size in powers of two (key length, batch * q_heads), so a length tunes once per
+power of two (LANDMARK_ATTN_AUTOTUNE=0 takes the first valid config of each list instead, e.g. in tests). GPUs:
 written and tuned on an H100 (sm_90), run there with triton 3.6; every config is compiled for sm_90 by the
 CPU tests (tests/compile_kernels.py) with whatever Triton is installed (3.6 and 3.9 checked); other NVIDIA
 GPUs that Triton supports are untested. Also runs on the CPU under TRITON_INTERPRET=1 (slow; for the tests).
@@ -289,14 +289,14 @@ def _fwd_step(b_acc, b_m, b_l, b_q, p_k, p_v, i_n, n_k, stride_kn, stride_vn, qk
     return b_acc, b_m_new, b_l * b_alpha + b_l_new
 
 
-@triton.jit(do_not_specialize=["n_q", "n_k"])
+@triton.jit(do_not_specialize=["n_q", "n_k", "tune_length", "tune_rows"])
 def _landmark_fwd_kernel(
     q, k, v, o, lse,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
-    n_q, n_k, qk_scale,
+    n_q, n_k, qk_scale, tune_length, tune_rows,
     Q_HEADS: tl.constexpr, KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_TOKENS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -407,7 +407,7 @@ def _dkdv_step(b_dkt, b_dvt, b_kt, b_vt, p_q, p_do, p_lse, p_delta, i_m, i_n, n_
     return b_dkt, b_dvt
 
 
-@triton.jit(do_not_specialize=["n_q", "n_k"])
+@triton.jit(do_not_specialize=["n_q", "n_k", "tune_length", "tune_rows"])
 def _landmark_bwd_dkdv_kernel(
     q, k, v, do, lse, delta, dk, dv,
     stride_qb, stride_qh, stride_qn,
@@ -416,7 +416,7 @@ def _landmark_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_don,
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
-    n_q, n_k, qk_scale, sm_scale,
+    n_q, n_k, qk_scale, sm_scale, tune_length, tune_rows,
     KV_HEADS: tl.constexpr, KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_TOKENS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -484,7 +484,7 @@ def _dq_step(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, i_n, n_k, stride_kn, str
     return b_dq + _dot(b_ds.to(b_k.dtype), b_k, DOT_PRECISION, UPCAST_DOT)
 
 
-@triton.jit(do_not_specialize=["n_q", "n_k"])
+@triton.jit(do_not_specialize=["n_q", "n_k", "tune_length", "tune_rows"])
 def _landmark_bwd_dq_kernel(
     q, k, v, do, lse, delta, dq,
     stride_qb, stride_qh, stride_qn,
@@ -492,7 +492,7 @@ def _landmark_bwd_dq_kernel(
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_don,
     stride_dqb, stride_dqh, stride_dqn,
-    n_q, n_k, qk_scale, sm_scale,
+    n_q, n_k, qk_scale, sm_scale, tune_length, tune_rows,
     Q_HEADS: tl.constexpr, KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_TOKENS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -515,15 +515,20 @@ def _landmark_bwd_dq_kernel(
 
 # ---------------------------------------------------------------------------------------------------------
 # Autotuning: small, visible config lists. BLOCK_N must be a multiple of block_size (a tile holds whole
-# landmark blocks), so configs with a narrower BLOCK_N are pruned. Keyed on head_dim and block_size (the
-# autotuner adds the dtypes of the tensor arguments); never on lengths.
+# landmark blocks), so configs with a narrower BLOCK_N are pruned. Keyed on head_dim, block_size and the GQA
+# group (the autotuner adds the dtypes of the tensor arguments), and on the problem's size in powers of two:
+# the key length and batch * q_heads, which the kernels take as `tune_length` and `tune_rows` and otherwise
+# ignore. The best tiles differ between 16 x 512 and 1 x 32k tokens (benchmarks/results/tile_sweep_h200.md);
+# lengths themselves are never specialised on, so a new size costs one tuning, and a compile only where it
+# picks a config not compiled yet.
 # ---------------------------------------------------------------------------------------------------------
 def _cfg(block_m, block_n, num_warps, num_stages):
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
 
 
 # Each list keeps the configs that won somewhere in benchmarks/results/tile_sweep_h100.md (H100, head_dim 128,
-# block_size 64, 8k and 32k tokens), fastest first: the first valid one is what LANDMARK_ATTN_AUTOTUNE=0 takes.
+# block_size 64, 8k and 32k tokens), fastest first (the first valid one is what LANDMARK_ATTN_AUTOTUNE=0 takes),
+# then those that won at fine-tuning sizes on the H200 (16 x 512 to 4 x 2k; benchmarks/results/tile_sweep_h200.md).
 _FWD_CONFIGS = [
     _cfg(128, 128, 8, 3),
     _cfg(128, 64, 8, 3),
@@ -535,12 +540,15 @@ _DKDV_CONFIGS = [
     _cfg(64, 64, 4, 3),
     _cfg(128, 32, 8, 2),
     _cfg(32, 128, 8, 2),  # for block_size 128 (the only width that holds a block without spilling much)
+    _cfg(64, 64, 4, 2),
+    _cfg(128, 64, 8, 1),
 ]
 _DQ_CONFIGS = [
     _cfg(128, 64, 8, 3),
     _cfg(64, 64, 4, 2),
     _cfg(64, 64, 4, 3),
     _cfg(64, 128, 8, 2),  # for block_size 128
+    _cfg(128, 128, 8, 2),
 ]
 # Used under TRITON_INTERPRET=1 (CPU tests): small tiles, no autotuning.
 _INTERPRET_BLOCK_M = 16
@@ -553,7 +561,7 @@ def _prune(configs, named_args, **kwargs):
     return kept or [_cfg(64, block_size, 4, 2)]
 
 
-_TUNE_KEY = ["HEAD_DIM", "BLOCK_SIZE", "KV_GROUP"]
+_TUNE_KEY = ["HEAD_DIM", "BLOCK_SIZE", "KV_GROUP", "tune_length", "tune_rows"]
 _fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})(
     _landmark_fwd_kernel)
 _dkdv_tuned = triton.autotune(_DKDV_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})(
@@ -572,18 +580,34 @@ def _autotune_enabled():
 COMPILE_OPTIONS = {"enable_fp_fusion": True}
 
 
-def _launch(kernel, tuned, grid_fn, args, **const):
+def _tune_bucket(size):
+    """The power of two at or above `size`: the autotuner's key for a length or a count of rows."""
+    return 1 << max(int(size) - 1, 0).bit_length()
+
+
+# The config each autotuned kernel chose, by its key, with the autotuner's cache it came from. The autotuner's
+# own dispatch (a key built from every argument on every call) costs about 50 us of host time a launch, as much
+# as the GPU time of a small tile loop; once it has chosen, the kernel is launched with that config directly.
+_CHOSEN = {}
+
+
+def _launch(kernel, tuned, grid_fn, args, **kwargs):
     """Launch `tuned` (autotuned) on GPUs, or `kernel` with fixed tiles under the interpreter or when
-    autotuning is switched off."""
+    autotuning is switched off. `kwargs` carry the autotuner's key (constexprs and the size buckets)."""
     if _interpreting():
-        meta = {"BLOCK_M": _INTERPRET_BLOCK_M, "BLOCK_N": max(_INTERPRET_BLOCK_N, const["BLOCK_SIZE"])}
-        kernel[grid_fn(meta)](*args, **const, **meta)
-    elif not _autotune_enabled():
-        cfg = _prune(tuned.configs, {}, BLOCK_SIZE=const["BLOCK_SIZE"])[0]
-        kernel[grid_fn(cfg.kwargs)](*args, **const, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                                    **COMPILE_OPTIONS)
+        meta = {"BLOCK_M": _INTERPRET_BLOCK_M, "BLOCK_N": max(_INTERPRET_BLOCK_N, kwargs["BLOCK_SIZE"])}
+        kernel[grid_fn(meta)](*args, **kwargs, **meta)
+        return
+    if not _autotune_enabled():
+        cfg = _prune(tuned.configs, {}, BLOCK_SIZE=kwargs["BLOCK_SIZE"])[0]
     else:
-        tuned[grid_fn](*args, **const, **COMPILE_OPTIONS)
+        key = (tuned, args[0].dtype, *(kwargs[name] for name in tuned.keys))
+        cache, cfg = _CHOSEN.get(key, (None, None))
+        if cache is not tuned.cache:  # not chosen yet, or the autotuner was reset (tests, benchmarks/tile_sweep.py)
+            tuned[grid_fn](*args, **kwargs, **COMPILE_OPTIONS)
+            _CHOSEN[key] = (tuned.cache, tuned.best_config)
+            return
+    kernel[grid_fn(cfg.kwargs)](*args, **kwargs, **cfg.all_kwargs(), **COMPILE_OPTIONS)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -684,7 +708,7 @@ def landmark_attn_fwd(q, k, v, block_size, sm_scale=None, block_tokens=None):
 
     _launch(_landmark_fwd_kernel, _fwd_tuned, grid,
             (q, k, v, o, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], n_q, n_k,
-             sm_scale * _LOG2E),
+             sm_scale * _LOG2E), tune_length=_tune_bucket(n_k), tune_rows=_tune_bucket(batch * q_heads),
             Q_HEADS=q_heads, KV_GROUP=kv_group, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size,
             BLOCK_TOKENS=block_tokens, DOT_PRECISION=precision, UPCAST_DOT=upcast)
     return o, lse
@@ -718,7 +742,8 @@ def landmark_attn_bwd(do, q, k, v, o, lse, block_size, sm_scale=None, block_toke
 
     _launch(_landmark_bwd_dkdv_kernel, _dkdv_tuned, grid_dkdv,
             (q, k, v, do, lse, delta, dk, dv, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
-             *dk.stride()[:3], *dv.stride()[:3], n_q, n_k, sm_scale * _LOG2E, sm_scale),
+             *dk.stride()[:3], *dv.stride()[:3], n_q, n_k, sm_scale * _LOG2E,
+             sm_scale), tune_length=_tune_bucket(n_k), tune_rows=_tune_bucket(batch * q_heads),
             KV_HEADS=kv_heads, KV_GROUP=kv_group, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size,
             BLOCK_TOKENS=block_tokens, DOT_PRECISION=precision, UPCAST_DOT=upcast)
 
@@ -727,7 +752,8 @@ def landmark_attn_bwd(do, q, k, v, o, lse, block_size, sm_scale=None, block_toke
 
     _launch(_landmark_bwd_dq_kernel, _dq_tuned, grid_dq,
             (q, k, v, do, lse, delta, dq, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
-             *dq.stride()[:3], n_q, n_k, sm_scale * _LOG2E, sm_scale),
+             *dq.stride()[:3], n_q, n_k, sm_scale * _LOG2E,
+             sm_scale), tune_length=_tune_bucket(n_k), tune_rows=_tune_bucket(batch * q_heads),
             Q_HEADS=q_heads, KV_GROUP=kv_group, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size,
             BLOCK_TOKENS=block_tokens, DOT_PRECISION=precision, UPCAST_DOT=upcast)
     return dq, dk, dv
