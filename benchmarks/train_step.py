@@ -45,6 +45,15 @@ def build(kind):
     return model.to(torch.bfloat16).train()
 
 
+def train_step(model, optimizer, ids):
+    """Forward with the loss, backward, optimizer step and zero_grad; returns the loss."""
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
 def profile_steps(model, optimizer, ids, path, steps=2):
     """CUDA time per kernel over `steps` training steps (torch.profiler): the top 40 as a table in `path`, every
     kernel's device ms a step in `path` with .json (to compare two models kernel by kernel)."""
@@ -52,9 +61,7 @@ def profile_steps(model, optimizer, ids, path, steps=2):
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            model(input_ids=ids, labels=ids).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            train_step(model, optimizer, ids)
         torch.cuda.synchronize()
     events = prof.key_averages()
     path.write_text(events.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90))
@@ -71,10 +78,7 @@ def time_steps(model, batch, length, warmup, steps, profile_path=None):
     for index in range(warmup + steps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = train_step(model, optimizer, ids)
         end.record()
         end.synchronize()
         if index >= warmup:
@@ -104,9 +108,10 @@ def main():
         model = build(kind)
         for shape in args.shapes:
             batch, length = map(int, shape.split("x"))
-            profile_path = args.out / f"profile-{kind.replace(', ', '-').replace(' ', '')}-{shape}.txt"
-            row = dict(model=kind, batch=batch, tokens=length, **time_steps(
-                model, batch, length, args.warmup, args.steps, profile_path if args.profile else None))
+            profile_path = (args.out / f"profile-{kind.replace(', ', '-').replace(' ', '')}-{shape}.txt"
+                            if args.profile else None)
+            row = dict(model=kind, batch=batch, tokens=length,
+                       **time_steps(model, batch, length, args.warmup, args.steps, profile_path))
             results.append(row)
             print(json.dumps(row), flush=True)
         del model

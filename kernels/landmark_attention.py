@@ -587,6 +587,11 @@ def _tune_bucket(size):
     return 1 << max(int(size) - 1, 0).bit_length()
 
 
+def _tune_sizes(n_k, rows):
+    """The size part of the autotuner's key, as the kernels' `tune_length` and `tune_rows` keywords."""
+    return {"tune_length": _tune_bucket(n_k), "tune_rows": _tune_bucket(rows)}
+
+
 # The config each autotuned kernel chose, by its key, with the autotuner's cache it came from. The autotuner's
 # own dispatch (a key built from every argument on every call) costs about 50 us of host time a launch, as much
 # as the GPU time of a small tile loop; once it has chosen, the kernel is launched with that config directly.
@@ -710,7 +715,8 @@ def landmark_attn_fwd(q, k, v, block_size, sm_scale=None, block_tokens=None):
 
     _launch(_landmark_fwd_kernel, _fwd_tuned, grid,
             (q, k, v, o, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], n_q, n_k,
-             sm_scale * _LOG2E), tune_length=_tune_bucket(n_k), tune_rows=_tune_bucket(batch * q_heads),
+             sm_scale * _LOG2E),
+            **_tune_sizes(n_k, batch * q_heads),
             Q_HEADS=q_heads, KV_GROUP=kv_group, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size,
             BLOCK_TOKENS=block_tokens, DOT_PRECISION=precision, UPCAST_DOT=upcast)
     return o, lse
@@ -739,13 +745,15 @@ def landmark_attn_bwd(do, q, k, v, o, lse, block_size, sm_scale=None, block_toke
         o, do, delta, *o.stride()[:3], *do.stride()[:3], n_q,
         Q_HEADS=q_heads, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_M=pre_block, **COMPILE_OPTIONS)
 
+    sizes = _tune_sizes(n_k, batch * q_heads)
+
     def grid_dkdv(meta):
         return (batch * kv_heads, triton.cdiv(n_k, meta["BLOCK_N"]))
 
     _launch(_landmark_bwd_dkdv_kernel, _dkdv_tuned, grid_dkdv,
             (q, k, v, do, lse, delta, dk, dv, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
-             *dk.stride()[:3], *dv.stride()[:3], n_q, n_k, sm_scale * _LOG2E,
-             sm_scale), tune_length=_tune_bucket(n_k), tune_rows=_tune_bucket(batch * q_heads),
+             *dk.stride()[:3], *dv.stride()[:3], n_q, n_k, sm_scale * _LOG2E, sm_scale),
+            **sizes,
             KV_HEADS=kv_heads, KV_GROUP=kv_group, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size,
             BLOCK_TOKENS=block_tokens, DOT_PRECISION=precision, UPCAST_DOT=upcast)
 
@@ -754,8 +762,8 @@ def landmark_attn_bwd(do, q, k, v, o, lse, block_size, sm_scale=None, block_toke
 
     _launch(_landmark_bwd_dq_kernel, _dq_tuned, grid_dq,
             (q, k, v, do, lse, delta, dq, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
-             *dq.stride()[:3], n_q, n_k, sm_scale * _LOG2E,
-             sm_scale), tune_length=_tune_bucket(n_k), tune_rows=_tune_bucket(batch * q_heads),
+             *dq.stride()[:3], n_q, n_k, sm_scale * _LOG2E, sm_scale),
+            **sizes,
             Q_HEADS=q_heads, KV_GROUP=kv_group, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size,
             BLOCK_TOKENS=block_tokens, DOT_PRECISION=precision, UPCAST_DOT=upcast)
     return dq, dk, dv
