@@ -28,11 +28,12 @@ from transformers.models.llama.modeling_llama import rotate_half
 from .configuration_landmark_llama import RETRIEVAL_GRANULARITIES, RETRIEVAL_POSITIONS, check_choice
 
 
-try:  # the device-side block copies of the offloaded cache and the fused selection; the CPU runs PyTorch
+try:  # the device-side block copies of the offloaded cache, the fused selection and cache write; the CPU runs PyTorch
     from .kernels.block_copy import copy_blocks as copy_blocks_triton
     from .kernels.block_selection import select_blocks as select_blocks_triton
+    from .kernels.chunk_write import write_chunk as write_chunk_triton
 except ImportError:
-    copy_blocks_triton = select_blocks_triton = None
+    copy_blocks_triton = select_blocks_triton = write_chunk_triton = None
 
 
 TIE_TOLERANCE = 1e-5  # relative: scores this close are equal (see `top_blocks`)
@@ -314,18 +315,19 @@ class LandmarkCacheLayer(CacheLayerMixin):
         """A store of `shape` for the tensor `name`, allocated like the tensor `like` (growth keeps its place)."""
         return like.new_zeros(shape)
 
-    def update(self, key_states, value_states, chunk, inv_freq, local_parts=True):
-        """Write the chunk's keys and values [batch, kv_heads, width, head_dim] behind each row's tail.
+    @property
+    def separate_in_block_landmarks(self):
+        """Where landmark keys rotated by their offset alone are kept apart from the key store (None: in it)."""
+        return None
 
-        Returns the local part every query of the chunk attends to in full, [tail | chunk] laid out from the start of
-        the tail's block: keys (rotated by their offset in the block) and values
-        [batch, kv_heads, local_blocks * block_size, head_dim]. `key_states` arrive unrotated. Without `local_parts`
-        (the retrieval kernel reads the store itself) only the new positions are written, and (None, None) returned.
-        """
+    def begin_write(self, key_states, value_states, chunk):
+        """Make room for a pass's keys [batch, kv_heads, width, head_dim] behind each row's tail. Returns (rows
+        [batch, 1], the blocks [tail | chunk] spans [batch, local_blocks], their index in the local store, the
+        new positions' slots in [tail | chunk] [batch, 1, width, 1])."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         block_size = self.block_size
-        batch, kv_heads, width, head_dim = key_states.shape
+        batch, _, width, _ = key_states.shape
         tail_block, tail_length = chunk.start // block_size, chunk.start % block_size
         local_blocks = -(-(chunk.longest_tail + width) // block_size)
         self.reserve(chunk.most_blocks + local_blocks)
@@ -342,37 +344,53 @@ class LandmarkCacheLayer(CacheLayerMixin):
             raise ValueError(f"a pass of {width} positions spans {local_blocks} blocks; this cache's ring of recent "
                              f"blocks holds {ring} (sized for chunks of its prefill_chunk_length).")
         local_index = chunk.once(("local index", ring), lambda: written % ring)
+        return rows, written, local_index, slots
+
+    def update(self, key_states, value_states, chunk, inv_freq):
+        """Write the chunk's keys and values [batch, kv_heads, width, head_dim] behind each row's tail.
+
+        Returns the local part every query of the chunk attends to in full, [tail | chunk] laid out from the start of
+        the tail's block: keys (rotated by their offset in the block) and values
+        [batch, kv_heads, local_blocks * block_size, head_dim]. `key_states` arrive unrotated.
+        """
+        rows, written, local_index, slots = self.begin_write(key_states, value_states, chunk)
+        block_size = self.block_size
+        batch, kv_heads, width, _ = key_states.shape
+        local_blocks = written.shape[1]
         rotation = chunk.once(("offset rotation", key_states.dtype),
                               lambda: rope_rotation(slots[..., 0] % block_size, inv_freq, key_states.dtype))
         key_states = apply_rope(key_states, None, None, rotation)
-        local = [None, None]
-        if local_parts:
-            for i, (store, states) in enumerate(((self.local_keys, key_states), (self.local_values, value_states))):
-                part = store[rows, local_index].permute(0, 2, 1, 3, 4).flatten(2, 3)  # [batch, kv, positions, dim]
-                part = part.scatter(2, slots.expand(batch, kv_heads, width, states.shape[-1]), states.to(store.dtype))
-                store[rows, local_index] = part.unflatten(2, (local_blocks, block_size)).permute(0, 2, 1, 3, 4)
-                local[i] = part
-            landmark_keys = local[0][:, :, block_size - 1 :: block_size]
-        else:
-            def new_positions():  # [batch, width] local-store block and offset of each new position
-                position = slots[:, 0, :, 0] + (tail_block * block_size)[:, None]
-                return (position // block_size) % ring, position % block_size
-
-            block, offset = chunk.once(("new positions", ring), new_positions)
-            for store, states in ((self.local_keys, key_states), (self.local_values, value_states)):
-                store[rows, block, :, offset] = states.transpose(1, 2).to(store.dtype)
-            landmark_keys = self.local_keys[rows, local_index, :, block_size - 1].transpose(1, 2)
+        local = []
+        for store, states in ((self.local_keys, key_states), (self.local_values, value_states)):
+            part = store[rows, local_index].permute(0, 2, 1, 3, 4).flatten(2, 3)  # [batch, kv, positions, dim]
+            part = part.scatter(2, slots.expand(batch, kv_heads, width, states.shape[-1]), states.to(store.dtype))
+            store[rows, local_index] = part.unflatten(2, (local_blocks, block_size)).permute(0, 2, 1, 3, 4)
+            local.append(part)
+        landmark_keys = local[0][:, :, block_size - 1 :: block_size]  # rotated by their offset alone
+        if self.separate_in_block_landmarks is not None:
+            self.separate_in_block_landmarks[rows, written] = landmark_keys.transpose(1, 2)
         # landmark keys at their true positions (their block's start on top of their offset), rotated once here
         rotation = chunk.once(("landmark rotation", landmark_keys.dtype),  # to their block's start: [batch, 1, blocks]
                               lambda: rope_rotation((written * block_size)[:, None], inv_freq, landmark_keys.dtype))
         landmarks = apply_rope(landmark_keys, None, None, rotation)
         self.landmarks[rows, written] = landmarks.transpose(1, 2)
-        self.written(chunk, rows, written, local_index, landmark_keys)
+        self.written(chunk, written, local_index)
         return local[0], local[1]
 
-    def written(self, chunk, rows, written, local_index, landmark_keys):
-        """Called after `update` wrote the blocks `written` [batch, local_blocks] (at `local_index` of the local
-        store) and their landmark keys, rotated by offset, [batch, kv_heads, local_blocks, head_dim]."""
+    def write_with_kernel(self, query, key_states, value_states, chunk, inv_freq):
+        """`update` as the retrieval kernel needs it, in one Triton kernel (`write_chunk_triton`): only the new
+        positions are written (the kernel reads [tail | chunk] from the store itself), and the landmark keys of the
+        blocks they complete. Returns the chunk's `query` [batch, q_heads, width, head_dim] rotated to its
+        positions."""
+        rows, written, local_index, _ = self.begin_write(key_states, value_states, chunk)
+        query = write_chunk_triton(query, key_states, value_states, self.local_keys, self.local_values,
+                                   self.landmarks, self.separate_in_block_landmarks, chunk.start, inv_freq)
+        self.written(chunk, written, local_index)
+        return query
+
+    def written(self, chunk, written, local_index):
+        """Called after a pass wrote the blocks `written` [batch, local_blocks] (at `local_index` of the local store)
+        and their landmark keys."""
 
     def retrieve(self, query, chunk, settings, inv_freq, scaling, use_kernel=False):
         """Select blocks for the chunk's queries [batch, q_heads, width, head_dim] (rotated to their true positions).
@@ -381,7 +399,7 @@ class LandmarkCacheLayer(CacheLayerMixin):
         runs as one Triton kernel (`select_blocks_triton`), which computes the same.
         """
         block_size, top_k = self.block_size, settings.retrieval_top_k
-        blocks = chunk.start // block_size  # complete blocks of each row
+        blocks = chunk.once("complete blocks", lambda: chunk.start // block_size)  # of each row
         num_blocks = chunk.most_blocks if self.is_initialized else 0
         if num_blocks == 0:
             return None
@@ -621,10 +639,12 @@ class OffloadedCacheLayer(LandmarkCacheLayer):
     def in_block_landmarks(self, num_blocks):
         return self.block_landmarks[:, :num_blocks]
 
-    def written(self, chunk, rows, written, local_index, landmark_keys):
-        """Blocks that this pass completes go to host memory; their landmark keys by offset stay on the device."""
-        self.block_landmarks[rows, written] = landmark_keys.transpose(1, 2)
+    @property
+    def separate_in_block_landmarks(self):
+        return self.block_landmarks
 
+    def written(self, chunk, written, local_index):
+        """Blocks that this pass completes go to host memory (their landmark keys stay on the device)."""
         def completed():  # [batch, kv_heads, local_blocks] ring index of each completed block (-1 others), block
             done = written < ((chunk.start + chunk.length) // self.block_size)[:, None]
             heads = self.keys.shape[2]

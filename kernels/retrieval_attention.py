@@ -18,7 +18,9 @@ The store keeps a block's keys rotated by their offset in the block only, so the
 block's start instead of rotating the keys forward (<q at m, key at start + o> = <q rotated by m - start, key
 rotated by o>).
 
-Layout. One program per query and head, an online softmax over blocks: each block is read straight from the store
+Layout. One program per query and head, an online softmax over blocks; a pass of few queries (a decoding step)
+spreads each query's blocks over several programs, whose shares of the softmax one more kernel merges. Each block
+is read straight from the store
 (retrieved ones through the block table: no gathered per-query copies), from the query head's key/value head (GQA
 without repeating keys). [tail | chunk] may come from a store of its own: the offloaded cache keeps the recent
 blocks in a ring on the device and the retrieved ones in slots. Scores and softmax in fp32; keys and values in any
@@ -38,6 +40,7 @@ __all__ = ["retrieval_attention", "MAX_HEAD_DIM", "MAX_BLOCK_SIZE"]
 
 MAX_HEAD_DIM = 256
 MAX_BLOCK_SIZE = 128
+SPREAD_BELOW = 1024  # passes of fewer (query, head) pairs split each pair's blocks over several programs
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -91,7 +94,7 @@ def _merge(gate_max, gate_sum, acc1, acc2, gate, mix1, mix2):
 
 @triton.jit
 def _retrieval_attention_kernel(
-    q, keys, values, local_keys, local_values, table, starts, row_start, inv_freq, out,
+    q, keys, values, local_keys, local_values, table, starts, row_start, inv_freq, out, partial,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kc, stride_kh, stride_ko,
     stride_vb, stride_vc, stride_vh, stride_vo,
@@ -101,11 +104,12 @@ def _retrieval_attention_kernel(
     stride_ob, stride_oh, stride_on,
     q_heads, top_k, ring, sm_scale,
     KV_GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_PAD: tl.constexpr, HALF: tl.constexpr,
-    HALF_PAD: tl.constexpr,
+    HALF_PAD: tl.constexpr, SPLITS: tl.constexpr,
 ):
     i_n = tl.program_id(0)
     i_b = tl.program_id(1) // q_heads
     i_h = tl.program_id(1) % q_heads
+    i_s = tl.program_id(2)  # with SPLITS > 1, the program takes every SPLITS-th of the query's blocks
     i_kv = i_h // KV_GROUP
     d = tl.arange(0, HALF_PAD)
     in_half = d < HALF
@@ -120,6 +124,7 @@ def _retrieval_attention_kernel(
     chunk_start = tl.load(row_start + i_b)
     position = chunk_start + i_n
     own_block = position // BLOCK_SIZE
+    local_first = chunk_start // BLOCK_SIZE
     p_keys = keys + i_b.to(tl.int64) * stride_kb + i_kv * stride_kh + slot[:, None] * stride_ko + d[None, :]
     p_values = values + i_b.to(tl.int64) * stride_vb + i_kv * stride_vh + slot[:, None] * stride_vo + d[None, :]
     # [tail | chunk] from the local store, block c at c % ring (a ring of recent blocks where the store is offloaded)
@@ -132,9 +137,11 @@ def _retrieval_attention_kernel(
     gate_sum = 0.0
     acc1 = tl.zeros([HALF_PAD], dtype=tl.float32)
     acc2 = tl.zeros([HALF_PAD], dtype=tl.float32)
+    # the query's blocks in one list: its top_k retrieved ones, then local_first .. own_block; this program's
+    # are those whose index in the list is i_s modulo SPLITS
     # 1. the retrieved blocks, at the positions the retrieval assigned them
     p_table = i_b.to(tl.int64) * stride_tb + i_h * stride_th + i_n.to(tl.int64) * stride_tn
-    for j in range(0, top_k):
+    for j in range(i_s, top_k, SPLITS):
         block = tl.load(table + p_table + j)
         if block >= 0:
             gate, mix1, mix2 = _block_share(
@@ -142,18 +149,52 @@ def _retrieval_attention_kernel(
                 tl.load(starts + p_table + j), 0, sm_scale, slot, tile_mask, False, BLOCK_SIZE, HALF)
             gate_max, gate_sum, acc1, acc2 = _merge(gate_max, gate_sum, acc1, acc2, gate, mix1, mix2)
     # 2. complete blocks of [tail | chunk] before the query's own, gated at their true positions
-    for block in range(chunk_start // BLOCK_SIZE, own_block):
+    for block in range(local_first + (i_s - top_k % SPLITS + SPLITS) % SPLITS, own_block, SPLITS):
         gate, mix1, mix2 = _block_share(
             q1, q2, freq, p_local_k + (block % ring) * stride_lkc, p_local_v + (block % ring) * stride_lvc,
             block * BLOCK_SIZE, 0, sm_scale, slot, tile_mask, False, BLOCK_SIZE, HALF)
         gate_max, gate_sum, acc1, acc2 = _merge(gate_max, gate_sum, acc1, acc2, gate, mix1, mix2)
     # 3. the query's own block: its regular keys up to the query, in the softmax directly
-    gate, mix1, mix2 = _block_share(
-        q1, q2, freq, p_local_k + (own_block % ring) * stride_lkc, p_local_v + (own_block % ring) * stride_lvc,
-        own_block * BLOCK_SIZE, position % BLOCK_SIZE + 1, sm_scale, slot, tile_mask, True, BLOCK_SIZE, HALF)
-    gate_max, gate_sum, acc1, acc2 = _merge(gate_max, gate_sum, acc1, acc2, gate, mix1, mix2)
+    if (top_k + own_block - local_first) % SPLITS == i_s:
+        gate, mix1, mix2 = _block_share(
+            q1, q2, freq, p_local_k + (own_block % ring) * stride_lkc, p_local_v + (own_block % ring) * stride_lvc,
+            own_block * BLOCK_SIZE, position % BLOCK_SIZE + 1, sm_scale, slot, tile_mask, True, BLOCK_SIZE, HALF)
+        gate_max, gate_sum, acc1, acc2 = _merge(gate_max, gate_sum, acc1, acc2, gate, mix1, mix2)
 
+    if SPLITS == 1:
+        p_out = out + i_b.to(tl.int64) * stride_ob + i_h * stride_oh + i_n.to(tl.int64) * stride_on
+        tl.store(p_out + d, (acc1 / gate_sum).to(out.dtype.element_ty), mask=in_half)
+        tl.store(p_out + HALF + d, (acc2 / gate_sum).to(out.dtype.element_ty), mask=in_half)
+    else:  # this program's share of the softmax: [gate max, gate sum, unnormalised mix] -> `_merge_splits_kernel`
+        p_partial = partial + ((i_n * tl.num_programs(1) + tl.program_id(1)) * SPLITS + i_s).to(tl.int64) * (
+            2 + 2 * HALF_PAD)
+        tl.store(p_partial, gate_max)
+        tl.store(p_partial + 1, gate_sum)
+        tl.store(p_partial + 2 + d, acc1)
+        tl.store(p_partial + 2 + HALF_PAD + d, acc2)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    partial, out, stride_ob, stride_oh, stride_on, q_heads,
+    HALF: tl.constexpr, HALF_PAD: tl.constexpr, SPLITS: tl.constexpr,
+):
+    """The output of one query and head from its SPLITS programs' shares of the softmax over blocks."""
+    i_n = tl.program_id(0)
+    i_b = tl.program_id(1) // q_heads
+    i_h = tl.program_id(1) % q_heads
+    split = tl.arange(0, SPLITS)
+    d = tl.arange(0, HALF_PAD)
+    width = 2 + 2 * HALF_PAD
+    p_partial = partial + ((i_n * tl.num_programs(1) + tl.program_id(1)) * SPLITS + split).to(tl.int64) * width
+    gate_max = tl.load(p_partial)
+    top = tl.max(gate_max, 0)
+    rescale = tl.where(gate_max == -float("inf"), 0.0, tl.exp(gate_max - top))  # programs that had no block
+    gate_sum = tl.sum(tl.load(p_partial + 1) * rescale, 0)
+    acc1 = tl.sum(tl.load(p_partial[:, None] + 2 + d[None, :]) * rescale[:, None], 0)
+    acc2 = tl.sum(tl.load(p_partial[:, None] + 2 + HALF_PAD + d[None, :]) * rescale[:, None], 0)
     p_out = out + i_b.to(tl.int64) * stride_ob + i_h * stride_oh + i_n.to(tl.int64) * stride_on
+    in_half = d < HALF
     tl.store(p_out + d, (acc1 / gate_sum).to(out.dtype.element_ty), mask=in_half)
     tl.store(p_out + HALF + d, (acc2 / gate_sum).to(out.dtype.element_ty), mask=in_half)
 
@@ -197,6 +238,16 @@ def _check_inputs(query, keys, values, local_keys, local_values, table, starts, 
                          f"{tuple(row_start.shape)} and {tuple(inv_freq.shape)}.")
 
 
+def _splits(n, rows, top_k, block_size):
+    """Programs per query and head: a pass with few queries (a decoding step) spreads each query's blocks over as
+    many programs as it has blocks at most, so that the GPU is not left to a few programs reading blocks one after
+    another; wider passes have programs enough."""
+    if n * rows >= SPREAD_BELOW:
+        return 1
+    most_local = -(-(block_size - 1 + n) // block_size)  # the tail's block to the last query's
+    return triton.next_power_of_2(top_k + most_local)
+
+
 def _unit_inner_stride(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -216,7 +267,7 @@ def retrieval_attention(query, keys, values, table, starts, row_start, inv_freq,
     local_keys, local_values: where [tail | chunk] is read, already holding the chunk: block c of a row at index
         c % local_keys.shape[1] (a ring of recent blocks; the whole store, as by default, has every block at its own
         index). Default: `keys`, `values`.
-    Returns [batch, q_heads, n, head_dim] in the query's dtype.
+    Returns [batch, q_heads, n, head_dim] in the query's dtype, laid out as [batch, n, q_heads, head_dim] in memory.
     """
     local_keys = keys if local_keys is None else local_keys
     local_values = values if local_values is None else local_values
@@ -228,13 +279,18 @@ def retrieval_attention(query, keys, values, table, starts, row_start, inv_freq,
     kv_heads, block_size = keys.shape[2], keys.shape[3]
     # int64 indices: block * the store's block stride can pass 2**31 (a 7B store of 512k positions)
     table, starts, row_start = (t.long().contiguous() for t in (table, starts, row_start))
-    out = torch.empty_like(query)
+    # [batch, q_heads, n, head_dim] laid out as [batch, n, q_heads, head_dim]: what the attention module reshapes
+    out = query.new_empty(batch, n, q_heads, head_dim).transpose(1, 2)
     if out.numel() == 0:
         return out
     table_stride_n = 0 if table.shape[2] == 1 else table.stride(2)
-    half = head_dim // 2
-    _retrieval_attention_kernel[(n, batch * q_heads)](
+    half, half_pad = head_dim // 2, triton.next_power_of_2(head_dim // 2)
+    splits = _splits(n, batch * q_heads, table.shape[3], block_size)
+    partial = out if splits == 1 else torch.empty(n * batch * q_heads * splits * (2 + 2 * half_pad),
+                                                  dtype=torch.float32, device=query.device)
+    _retrieval_attention_kernel[(n, batch * q_heads, splits)](
         query, keys, values, local_keys, local_values, table, starts, row_start, inv_freq.float().contiguous(), out,
+        partial,
         query.stride(0), query.stride(1), query.stride(2),
         keys.stride(0), keys.stride(1), keys.stride(2), keys.stride(3),
         values.stride(0), values.stride(1), values.stride(2), values.stride(3),
@@ -244,7 +300,12 @@ def retrieval_attention(query, keys, values, table, starts, row_start, inv_freq,
         out.stride(0), out.stride(1), out.stride(2),
         q_heads, table.shape[3], local_keys.shape[1], float(sm_scale),
         KV_GROUP=q_heads // kv_heads, BLOCK_SIZE=block_size, BLOCK_PAD=triton.next_power_of_2(block_size),
-        HALF=half, HALF_PAD=triton.next_power_of_2(half), num_warps=4 if block_size * half <= 4096 else 8,
+        HALF=half, HALF_PAD=half_pad, SPLITS=splits, num_warps=4 if block_size * half <= 4096 else 8,
         enable_fp_fusion=True,  # explicit: Triton 3.10 turns the default off
     )
+    if splits > 1:
+        _merge_splits_kernel[(n, batch * q_heads)](
+            partial, out, out.stride(0), out.stride(1), out.stride(2), q_heads,
+            HALF=half, HALF_PAD=half_pad, SPLITS=splits, num_warps=1, enable_fp_fusion=True,
+        )
     return out

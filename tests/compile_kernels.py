@@ -22,6 +22,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 import kernels.block_copy as block_copy  # noqa: E402
 import kernels.block_selection as block_selection  # noqa: E402
+import kernels.chunk_write as chunk_write  # noqa: E402
 import kernels.landmark_attention as lk  # noqa: E402
 import kernels.retrieval_attention as retrieval  # noqa: E402
 
@@ -82,13 +83,28 @@ INFERENCE_KERNELS = {
     "retrieval_attention": (
         retrieval._retrieval_attention_kernel,
         dict(q="bf16", keys="bf16", values="bf16", local_keys="bf16", local_values="bf16", table="i64", starts="i64",
-             row_start="i64", inv_freq="fp32", out="bf16"),
-        dict(KV_GROUP=4, BLOCK_SIZE=64, BLOCK_PAD=64, HALF=64, HALF_PAD=64), 8),
-    "block_selection": (
-        block_selection._select_blocks_kernel,
-        dict(q="fp32", landmarks="bf16", in_block="bf16", blocks="i64", inv_freq="fp32", scratch="fp32",
-             selected="i64", valid="i1", starts="i64"),
-        dict(KV_GROUP=4, STINGY=True, BLOCK_SIZE=64, HALF=64, HALF_PAD=64, K_PAD=4, TILE=block_selection.TILE), 4),
+             row_start="i64", inv_freq="fp32", out="bf16", partial="bf16"),
+        dict(KV_GROUP=4, BLOCK_SIZE=64, BLOCK_PAD=64, HALF=64, HALF_PAD=64, SPLITS=1), 8),
+    "retrieval_attention_spread": (  # a decoding step: each query's blocks over 8 programs, then merged
+        retrieval._retrieval_attention_kernel,
+        dict(q="bf16", keys="bf16", values="bf16", local_keys="bf16", local_values="bf16", table="i64", starts="i64",
+             row_start="i64", inv_freq="fp32", out="bf16", partial="fp32"),
+        dict(KV_GROUP=4, BLOCK_SIZE=64, BLOCK_PAD=64, HALF=64, HALF_PAD=64, SPLITS=8), 8),
+    "retrieval_merge": (
+        retrieval._merge_splits_kernel, dict(partial="fp32", out="bf16"), dict(HALF=64, HALF_PAD=64, SPLITS=8), 1),
+    "block_scores": (
+        block_selection._landmark_scores_kernel,
+        dict(q="bf16", landmarks="bf16", in_block="bf16", blocks="i64", inv_freq="fp32", scratch="fp32"),
+        dict(KV_GROUP=4, STINGY=True, BLOCK_SIZE=64, HALF=64, BLOCK_M=16, TILE=32, DK=8), 4),
+    "block_top_k": (
+        block_selection._top_blocks_kernel,
+        dict(scratch="fp32", blocks="i64", selected="i64", valid="i1", starts="i64"),
+        dict(STINGY=True, BLOCK_SIZE=64, K_PAD=4, TILE=block_selection.MAX_ROW_TILE, ONE_TILE=True), 8),
+    "chunk_write": (
+        chunk_write._write_chunk_kernel,
+        dict(q="bf16", k="bf16", v="bf16", q_out="bf16", key_store="bf16", value_store="bf16", landmarks="bf16",
+             in_block="bf16", row_start="i64", inv_freq="fp32"),
+        dict(KV_GROUP=4, BLOCK_SIZE=64, HALF=64, HALF_PAD=64, POSITIONS=2, IN_BLOCK=True), 4),
     "block_copy": (
         block_copy._copy_blocks_kernel,
         dict(src="bf16", dst="bf16", src_blocks="i64", dst_blocks="i64"),

@@ -1,11 +1,13 @@
 """The fused per-token block selection (`kernels/block_selection.py`) against the cache's PyTorch selection
 (`LandmarkCacheLayer.retrieve`), which `test_retrieval_cache.py` checks against the training form and the paper's
 code: the same blocks, validity and starts, for stingy and true positions, GQA, rows with no or fewer than k blocks,
-exact ties, and a static bound above every row's blocks. Runs under TRITON_INTERPRET=1 on the CPU."""
+exact ties, a static bound above every row's blocks, chunks of several query tiles and rows of several block tiles.
+Runs under TRITON_INTERPRET=1 on the CPU."""
 
 import pytest
 import torch
 
+from landmark_llama.kernels import block_selection
 from landmark_llama.cache_landmark_llama import ChunkPositions, LandmarkCacheLayer, RetrievalSettings
 
 
@@ -20,15 +22,18 @@ def _layer(batch, kv_heads, capacity, block_size, head_dim, generator):
 
 @pytest.mark.parametrize("positions", ["stingy", "true"])
 @pytest.mark.parametrize(
-    "batch, q_heads, kv_heads, width, head_dim, block_size, top_k, capacity",
+    "batch, q_heads, kv_heads, width, head_dim, block_size, top_k, capacity, row_tile",
     [
-        (3, 4, 2, 3, 16, 8, 3, 20),  # GQA; rows with 0, 2 (< k) and many blocks
-        (2, 3, 1, 2, 80, 7, 4, 9),  # head_dim and block size no powers of two
-        (1, 2, 2, 1, 32, 51, 2, 300),  # the paper's block size, one query, more blocks than a tile
+        (3, 4, 2, 3, 16, 8, 3, 20, None),  # GQA; rows with 0, 2 (< k) and many blocks
+        (2, 3, 1, 2, 80, 7, 4, 9, None),  # head_dim and block size no powers of two
+        (1, 2, 2, 1, 32, 51, 2, 300, None),  # the paper's block size, one query, more blocks than a score tile
+        (2, 2, 1, 21, 12, 4, 3, 50, 16),  # a chunk of two query tiles; rows of four tiles, read back per pass
     ],
 )
 def test_fused_selection_equals_the_pytorch_selection(positions, batch, q_heads, kv_heads, width, head_dim,
-                                                      block_size, top_k, capacity):
+                                                      block_size, top_k, capacity, row_tile, monkeypatch):
+    if row_tile is not None:  # rows longer than the tile held in registers, at a size the interpreter runs quickly
+        monkeypatch.setattr(block_selection, "MAX_ROW_TILE", row_tile)
     generator = torch.Generator().manual_seed(capacity + width)
     layer = _layer(batch, kv_heads, capacity, block_size, head_dim, generator)
     complete = torch.randint(capacity // 2, capacity - 1, (batch,), generator=generator)

@@ -30,8 +30,9 @@ def test_conversion_adds_tokens_and_keeps_the_stock_model(stock_folder, tmp_path
     assert tokenizer.pad_token == "<pad>" and config["pad_token_id"] == tokenizer.pad_token_id
     assert config["vocab_size"] == len(tokenizer) == len(stock_tokenizer) + 2
     assert sorted(p.name for p in out.glob("*.py")) == [
-        "block_copy.py", "block_selection.py", "cache_landmark_llama.py", "configuration_landmark_llama.py",
-        "landmark_attention.py", "modeling_landmark_llama.py", "retrieval_attention.py"]
+        "block_copy.py", "block_selection.py", "cache_landmark_llama.py", "chunk_write.py",
+        "configuration_landmark_llama.py", "landmark_attention.py", "modeling_landmark_llama.py",
+        "retrieval_attention.py"]
 
     weights = load_file(out / "model.safetensors")
     stock_weights = load_file(stock_folder / "model.safetensors")

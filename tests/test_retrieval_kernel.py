@@ -1,11 +1,20 @@
 """The retrieval kernel (`kernels/retrieval_attention.py`) against a float64 reference that rotates every key
 forward to its position (the kernel rotates the query back instead) and spells the grouped softmax out as one
-softmax over shifted scores. Runs under TRITON_INTERPRET=1 on the CPU; the `cuda` cases at real sizes."""
+softmax over shifted scores, with each query's blocks in one program or spread over several (`spread`, as decoding
+steps run). Runs under TRITON_INTERPRET=1 on the CPU; the `cuda` cases at real sizes."""
 
 import pytest
 import torch
 
+from landmark_llama.kernels import retrieval_attention as retrieval_module
 from landmark_llama.kernels.retrieval_attention import retrieval_attention
+
+
+@pytest.fixture(params=[False, True], ids=["one_program", "spread"])
+def spread(request, monkeypatch):
+    """Every pass with each query's blocks in one program, or spread over several whatever its size."""
+    monkeypatch.setattr(retrieval_module, "SPREAD_BELOW", 1 << 40 if request.param else 0)
+    return request.param
 
 
 def rotate(x, positions, inv_freq):
@@ -70,14 +79,14 @@ def random_case(batch, q_heads, kv_heads, n, head_dim, block_size, capacity, top
     ],
 )
 def test_retrieval_attention_equals_the_float64_reference(batch, q_heads, kv_heads, n, head_dim, block_size, top_k,
-                                                          per_chunk):
+                                                          per_chunk, spread):
     case = random_case(batch, q_heads, kv_heads, n, head_dim, block_size, 6, top_k, per_chunk, torch.float32)
     scale = head_dim ** -0.5
     out = retrieval_attention(*case, scale)
     torch.testing.assert_close(out.double(), reference(*case, scale), atol=2e-5, rtol=2e-5)
 
 
-def test_chunk_across_block_boundaries_sees_its_complete_local_blocks():
+def test_chunk_across_block_boundaries_sees_its_complete_local_blocks(spread):
     """A 20-query chunk starting mid-block spans three blocks: later queries gate the complete ones before theirs."""
     case = list(random_case(1, 2, 1, 20, 16, 8, 5, 2, False, torch.float32))
     case[5] = torch.tensor([13])
@@ -85,7 +94,7 @@ def test_chunk_across_block_boundaries_sees_its_complete_local_blocks():
     torch.testing.assert_close(out.double(), reference(*case, 0.3), atol=2e-5, rtol=2e-5)
 
 
-def test_local_blocks_read_from_a_ring_and_retrieved_ones_from_another_store():
+def test_local_blocks_read_from_a_ring_and_retrieved_ones_from_another_store(spread):
     """The offloaded cache's layout: [tail | chunk] in a ring of 3 blocks (block c at c % 3, the other entries
     garbage), the table pointing into a separate store of retrieved blocks."""
     query, keys, values, table, starts, row_start, inv_freq = random_case(2, 4, 2, 9, 16, 8, 7, 3, False,
@@ -131,12 +140,13 @@ def test_bad_inputs_get_clear_errors(change, message):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("per_chunk", [False, True])
-def test_retrieval_attention_on_the_gpu_at_real_sizes(dtype, per_chunk):
-    """Llama 3 8B heads (32 over 8 of 128), block 64, a 192-query prefill chunk against 40 blocks."""
-    case = random_case(1, 32, 8, 192, 128, 64, 40, 4, per_chunk, dtype, device="cuda")
+@pytest.mark.parametrize("per_chunk, n", [(False, 192), (True, 192), (False, 2)])
+def test_retrieval_attention_on_the_gpu_at_real_sizes(dtype, per_chunk, n):
+    """Llama 3 8B heads (32 over 8 of 128), block 64, a 192-query prefill chunk (one program a query and head) or a
+    decoding step's two queries (spread over programs) against 40 blocks."""
+    case = random_case(1, 32, 8, n, 128, 64, 40, 4, per_chunk, dtype, device="cuda")
     out = retrieval_attention(*case, 128 ** -0.5)
-    rows = [0, 1, 63, 191]  # the float64 reference of every head at a few queries
+    rows = [0, 1, 63, 191] if n > 2 else [0, 1]  # the float64 reference of every head at a few queries
     expected = reference(*(t.cpu() for t in case), 128 ** -0.5, queries=rows)[:, :, rows]
     tolerance = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out[:, :, rows].double().cpu(), expected, atol=tolerance, rtol=tolerance)

@@ -4,7 +4,7 @@ scores, its top k blocks with the cache's tie rule, and the positions the retrie
 Paper: A. Mohtashami and M. Jaggi, NeurIPS 2023, arXiv:2305.16300, section 3.2 (3.2.1 for stingy positions).
 
 It computes what `cache_landmark_llama.LandmarkCacheLayer.retrieve` computes with PyTorch for
-`retrieval_granularity="token"`, in one launch instead of some forty small kernels a layer:
+`retrieval_granularity="token"`, in two launches instead of some forty small kernels a layer:
   * score of complete block c for a query q: <q, landmark of c at its true position> * scale; with stingy positions
     the blocks older than the row's k most recent are scored at the landmark slot of the stingy window's first
     block: <q rotated back by the window's start, landmark rotated by its offset alone> * scale;
@@ -13,9 +13,13 @@ It computes what `cache_landmark_llama.LandmarkCacheLayer.retrieve` computes wit
   * stingy starts: older picks packed from the window's left, recent ones one block further right; true starts:
     the block's own.
 
-Layout. One program per query and head; its scores go to a scratch row, which later passes read back (4 bytes a
-block instead of a landmark key): the k-th highest by k counting passes, then the blocks above it and the ties in
-block order.
+Layout. Two kernels, so that a decoding step (one query a head) still spreads over the GPU:
+  * scores: one program per tile of queries of one head and tile of blocks. The queries of a tile share each
+    landmark key they load (a prefill chunk's 16), and each block is read from the one store that scores it; the
+    scores go to a scratch row per query and head.
+  * top k: one program per scratch row, held in registers where it fits (`MAX_ROW_TILE` blocks): the k-th highest
+    by k counting passes, then the blocks above it and the ties in block order.
+Scores are fp32 products summed on the CUDA cores, as exact as the PyTorch selection's.
 """
 
 import torch
@@ -31,65 +35,105 @@ from .retrieval_attention import _rotate_back  # the rotation the attention kern
 
 __all__ = ["select_blocks"]
 
-TILE = 128  # blocks scored per step of a program's loop
+MAX_ROW_TILE = 4096  # a row of at most this many blocks is held in registers while its top k is found
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Layer 1: the Triton kernel
+# Layer 1: the Triton kernels
 # ---------------------------------------------------------------------------------------------------------
 @triton.jit
-def _select_blocks_kernel(
-    q, landmarks, in_block, blocks, inv_freq, scratch, selected, valid, starts,
+def _landmark_scores_kernel(
+    q, landmarks, in_block, blocks, inv_freq, scratch,
     stride_qb, stride_qh, stride_qn,
     stride_lb, stride_lc, stride_lh,
     stride_ib, stride_ic, stride_ih,
-    q_heads, n, num_blocks, k, top_k, scale, tie_tolerance,
+    q_heads, n, num_blocks, top_k, scale,
     KV_GROUP: tl.constexpr, STINGY: tl.constexpr, BLOCK_SIZE: tl.constexpr, HALF: tl.constexpr,
-    HALF_PAD: tl.constexpr, K_PAD: tl.constexpr, TILE: tl.constexpr,
+    BLOCK_M: tl.constexpr, TILE: tl.constexpr, DK: tl.constexpr,
 ):
-    i_n = tl.program_id(0)
-    i_b = tl.program_id(1) // q_heads
-    i_h = tl.program_id(1) % q_heads
+    """Scores of BLOCK_M queries of one head against TILE blocks -> scratch [batch * q_heads * n, num_blocks]."""
+    i_t = tl.program_id(1)
+    i_b = tl.program_id(2) // q_heads
+    i_h = tl.program_id(2) % q_heads
     i_kv = i_h // KV_GROUP
-    d = tl.arange(0, HALF_PAD)
-    in_half = d < HALF
-    tile = tl.arange(0, TILE)
-    row = (i_b.to(tl.int64) * q_heads + i_h) * n + i_n  # this program's row of scratch and outputs
-    p_scratch = scratch + row * num_blocks
-
-    p_q = q + i_b.to(tl.int64) * stride_qb + i_h * stride_qh + i_n.to(tl.int64) * stride_qn
-    q1 = tl.load(p_q + d, mask=in_half, other=0.0).to(tl.float32)
-    q2 = tl.load(p_q + HALF + d, mask=in_half, other=0.0).to(tl.float32)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_in = rows < n
+    first = i_t * TILE
+    c = first + tl.arange(0, TILE)
     complete = tl.load(blocks + i_b)
-    row_k = tl.minimum(complete, top_k)
-    recent_from = complete - row_k  # blocks before it are older than the row's k most recent
-    window_start = (complete - row_k - 1) * BLOCK_SIZE
+    recent_from = complete - tl.minimum(complete, top_k)  # blocks before it are older than the row's k most recent
+    window_start = (recent_from - 1) * BLOCK_SIZE
+    exists = c < complete
+    has_true = first < complete  # the tile holds blocks scored at true positions
     if STINGY:
-        r1, r2 = _rotate_back(q1, q2, tl.load(inv_freq + d, mask=in_half, other=0.0), window_start)
+        recent = exists & (c >= recent_from)
+        has_true = has_true & (first + TILE > recent_from)
+    else:
+        recent = exists
+    p_q = q + i_b.to(tl.int64) * stride_qb + i_h * stride_qh + rows[:, None].to(tl.int64) * stride_qn
+    p_l = landmarks + i_b.to(tl.int64) * stride_lb + i_kv * stride_lh + c[:, None].to(tl.int64) * stride_lc
+    p_i = in_block + i_b.to(tl.int64) * stride_ib + i_kv * stride_ih + c[:, None].to(tl.int64) * stride_ic
 
-    # 1. scores of every block (-inf past the row's complete ones), and the largest magnitude
-    largest = 0.0
-    p_l = landmarks + i_b.to(tl.int64) * stride_lb + i_kv * stride_lh + d[None, :]
-    p_i = in_block + i_b.to(tl.int64) * stride_ib + i_kv * stride_ih + d[None, :]
-    for start in range(0, num_blocks, TILE):
-        c = start + tile
-        exists = c < complete
-        mask = exists[:, None] & in_half[None, :]
-        l1 = tl.load(p_l + c[:, None].to(tl.int64) * stride_lc, mask=mask, other=0.0).to(tl.float32)
-        l2 = tl.load(p_l + HALF + c[:, None].to(tl.int64) * stride_lc, mask=mask, other=0.0).to(tl.float32)
-        score = tl.sum(l1 * q1[None, :], 1) + tl.sum(l2 * q2[None, :], 1)
+    # each block is scored by one landmark key, the other's loads are masked to zero: the two products add up
+    score = tl.zeros([BLOCK_M, TILE], dtype=tl.float32)
+    for d0 in range(0, HALF, DK):  # the dimensions in slices, as [BLOCK_M, TILE, DK] products
+        d = d0 + tl.arange(0, DK)
+        in_half = d < HALF
+        q_mask = row_in[:, None] & in_half[None, :]
+        q1 = tl.load(p_q + d[None, :], mask=q_mask, other=0.0).to(tl.float32)
+        q2 = tl.load(p_q + HALF + d[None, :], mask=q_mask, other=0.0).to(tl.float32)
+        if has_true:
+            mask = recent[:, None] & in_half[None, :]
+            l1 = tl.load(p_l + d[None, :], mask=mask, other=0.0).to(tl.float32)
+            l2 = tl.load(p_l + HALF + d[None, :], mask=mask, other=0.0).to(tl.float32)
+            score += tl.sum(q1[:, None, :] * l1[None, :, :], 2) + tl.sum(q2[:, None, :] * l2[None, :, :], 2)
         if STINGY:
-            older = c < recent_from
-            old_mask = (older & exists)[:, None] & in_half[None, :]
-            i1 = tl.load(p_i + c[:, None].to(tl.int64) * stride_ic, mask=old_mask, other=0.0).to(tl.float32)
-            i2 = tl.load(p_i + HALF + c[:, None].to(tl.int64) * stride_ic, mask=old_mask, other=0.0).to(tl.float32)
-            score = tl.where(older, tl.sum(i1 * r1[None, :], 1) + tl.sum(i2 * r2[None, :], 1), score)
-        score = tl.where(exists, score * scale, -float("inf"))
-        largest = tl.maximum(largest, tl.max(tl.where(exists, tl.abs(score), 0.0), 0))
-        tl.store(p_scratch + c, score, mask=c < num_blocks)
-    tl.debug_barrier()
+            if first < recent_from:  # the tile holds older blocks, scored in the window
+                r1, r2 = _rotate_back(q1, q2, tl.load(inv_freq + d, mask=in_half, other=0.0)[None, :], window_start)
+                mask = (c < recent_from)[:, None] & in_half[None, :]
+                i1 = tl.load(p_i + d[None, :], mask=mask, other=0.0).to(tl.float32)
+                i2 = tl.load(p_i + HALF + d[None, :], mask=mask, other=0.0).to(tl.float32)
+                score += tl.sum(r1[:, None, :] * i1[None, :, :], 2) + tl.sum(r2[:, None, :] * i2[None, :, :], 2)
+    score = tl.where(exists[None, :], score * scale, -float("inf"))
+    p_scratch = scratch + (tl.program_id(2).to(tl.int64) * n + rows[:, None]) * num_blocks + c[None, :]
+    tl.store(p_scratch, score, mask=row_in[:, None] & (c < num_blocks)[None, :])
 
-    # 2. the k-th highest score, duplicates counted (as topk's values): highest values one at a time with counts
+
+@triton.jit
+def _scores_tile(p_scratch, c, num_blocks, held, ONE_TILE: tl.constexpr):
+    """The scores of blocks `c` of a scratch row: `held` where the whole row is one tile, held in registers."""
+    if ONE_TILE:
+        score = held
+    else:
+        score = tl.load(p_scratch + c, mask=c < num_blocks, other=-float("inf"))
+    return score
+
+
+@triton.jit
+def _top_blocks_kernel(
+    scratch, blocks, selected, valid, starts,
+    rows_per_batch, num_blocks, k, top_k, tie_tolerance,
+    STINGY: tl.constexpr, BLOCK_SIZE: tl.constexpr, K_PAD: tl.constexpr, TILE: tl.constexpr,
+    ONE_TILE: tl.constexpr,
+):
+    """The top k of one scratch row with the tie rule, and the starts."""
+    row = tl.program_id(0).to(tl.int64)
+    complete = tl.load(blocks + row // rows_per_batch)
+    recent_from = complete - tl.minimum(complete, top_k)
+    window_start = (recent_from - 1) * BLOCK_SIZE
+    p_scratch = scratch + row * num_blocks
+    tile = tl.arange(0, TILE)
+    if ONE_TILE:
+        held = tl.load(p_scratch + tile, mask=tile < num_blocks, other=-float("inf"))
+    else:
+        held = tl.full([TILE], -float("inf"), tl.float32)
+
+    # 1. the largest magnitude (of the existing blocks' scores) and the k-th highest score, duplicates counted (as
+    # topk's values): the highest values one at a time, with their counts
+    largest = 0.0
+    for start in range(0, num_blocks, TILE):
+        score = _scores_tile(p_scratch, start + tile, num_blocks, held, ONE_TILE)
+        largest = tl.maximum(largest, tl.max(tl.where(score == -float("inf"), 0.0, tl.abs(score)), 0))
     cutoff = -float("inf")
     below = float("inf")
     remaining = k
@@ -98,7 +142,7 @@ def _select_blocks_kernel(
         count = 0
         for start in range(0, num_blocks, TILE):
             c = start + tile
-            score = tl.load(p_scratch + c, mask=c < num_blocks, other=-float("inf"))
+            score = _scores_tile(p_scratch, c, num_blocks, held, ONE_TILE)
             score = tl.where(score < below, score, -float("inf"))
             tile_max = tl.max(score, 0)
             tile_count = tl.sum(((score == tile_max) & (c < num_blocks)).to(tl.int32), 0)
@@ -109,14 +153,13 @@ def _select_blocks_kernel(
         below = value
     margin = tie_tolerance * largest
 
-    # 3. how many are above the tie band
+    # 2. how many are above the tie band
     above_count = 0
     for start in range(0, num_blocks, TILE):
-        c = start + tile
-        score = tl.load(p_scratch + c, mask=c < num_blocks, other=-float("inf"))
+        score = _scores_tile(p_scratch, start + tile, num_blocks, held, ONE_TILE)
         above_count += tl.sum((score > cutoff + margin).to(tl.int32), 0)
 
-    # 4. blocks above, and the earliest ties in the places left, in block order
+    # 3. blocks above, and the earliest ties in the places left, in block order
     slot = tl.arange(0, K_PAD)
     p_out = row * k + slot
     tl.store(selected + p_out, tl.zeros([K_PAD], dtype=tl.int64), mask=slot < k)
@@ -125,7 +168,7 @@ def _select_blocks_kernel(
     chosen_count = 0
     for start in range(0, num_blocks, TILE):
         c = start + tile
-        score = tl.load(p_scratch + c, mask=c < num_blocks, other=-float("inf"))
+        score = _scores_tile(p_scratch, c, num_blocks, held, ONE_TILE)
         above = score > cutoff + margin
         tied = tl.abs(score - cutoff) <= margin  # false where both are -inf (NaN)
         chosen = above | (tied & (ties_seen + tl.cumsum(tied.to(tl.int32), 0) <= k - above_count))
@@ -135,7 +178,7 @@ def _select_blocks_kernel(
         chosen_count += tl.sum(chosen.to(tl.int32), 0)
     tl.debug_barrier()
 
-    # 5. validity and the positions the retrieval assigns
+    # 4. validity and the positions the retrieval assigns
     picked = tl.load(selected + p_out, mask=slot < k, other=0)
     tl.store(valid + p_out, slot < chosen_count, mask=slot < k)
     if STINGY:
@@ -148,6 +191,15 @@ def _select_blocks_kernel(
 # ---------------------------------------------------------------------------------------------------------
 # Layer 2: the launcher and the public function
 # ---------------------------------------------------------------------------------------------------------
+def _score_tiles(n):
+    """(BLOCK_M, TILE, DK) of the scoring kernel: decoding steps (one or two queries) take wide tiles of blocks,
+    chunks tiles of 16 queries that share each landmark key they load."""
+    block_m = min(16, triton.next_power_of_2(n))
+    if block_m <= 2:
+        return block_m, 64, 16
+    return block_m, 32 if block_m == 16 else 64, 8
+
+
 def select_blocks(query, landmarks, in_block_landmarks, blocks, num_blocks, block_size, top_k, stingy, inv_freq,
                   scale, tie_tolerance):
     """Per-token block selection (see the module docstring).
@@ -179,16 +231,24 @@ def select_blocks(query, landmarks, in_block_landmarks, blocks, num_blocks, bloc
     if selected.numel() == 0:
         return selected, valid, starts
     scratch = torch.empty(batch * q_heads * n, num_blocks, dtype=torch.float32, device=query.device)
-    half = head_dim // 2
-    _select_blocks_kernel[(n, batch * q_heads)](
-        query, landmarks, in_block_landmarks, blocks.long().contiguous(), inv_freq.float().contiguous(), scratch,
-        selected, valid, starts,
+    blocks = blocks.long().contiguous()
+    block_m, tile, dk = _score_tiles(n)
+    _landmark_scores_kernel[(triton.cdiv(n, block_m), triton.cdiv(num_blocks, tile), batch * q_heads)](
+        query, landmarks, in_block_landmarks, blocks, inv_freq.float().contiguous(), scratch,
         query.stride(0), query.stride(1), query.stride(2),
         landmarks.stride(0), landmarks.stride(1), landmarks.stride(2),
         in_block_landmarks.stride(0), in_block_landmarks.stride(1), in_block_landmarks.stride(2),
-        q_heads, n, num_blocks, k, top_k, float(scale), float(tie_tolerance),
-        KV_GROUP=q_heads // kv_heads, STINGY=bool(stingy), BLOCK_SIZE=block_size, HALF=half,
-        HALF_PAD=triton.next_power_of_2(half), K_PAD=triton.next_power_of_2(k), TILE=TILE, num_warps=4,
+        q_heads, n, num_blocks, top_k, float(scale),
+        KV_GROUP=q_heads // kv_heads, STINGY=bool(stingy), BLOCK_SIZE=block_size, HALF=head_dim // 2,
+        BLOCK_M=block_m, TILE=tile, DK=dk, num_warps=4,
         enable_fp_fusion=True,  # explicit: Triton 3.10 turns the default off
+    )
+    row_tile = min(triton.next_power_of_2(num_blocks), MAX_ROW_TILE)
+    _top_blocks_kernel[(batch * q_heads * n,)](
+        scratch, blocks, selected, valid, starts,
+        q_heads * n, num_blocks, k, top_k, float(tie_tolerance),
+        STINGY=bool(stingy), BLOCK_SIZE=block_size, K_PAD=triton.next_power_of_2(k), TILE=row_tile,
+        ONE_TILE=num_blocks <= row_tile, num_warps=4 if row_tile <= 1024 else 8,
+        enable_fp_fusion=True,
     )
     return selected, valid, starts

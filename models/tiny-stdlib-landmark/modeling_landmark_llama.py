@@ -150,20 +150,16 @@ def landmark_retrieval_attention(query, key, value, cache, layer_idx, scaling, u
 
     query [batch, q_heads, width, head_dim], key and value [batch, kv_heads, width, head_dim], unrotated (the stack
     runs at position 0 while the cache is in use); the chunk is written into `cache.layers[layer_idx]`. Returns
-    [batch, width, q_heads, head_dim]. Scores and softmax in fp32; with `use_kernel`, the attention runs on the
-    retrieval kernel, which reads the retrieved blocks and [tail | chunk] straight from the cache
-    (`retrieval_triton_attention`); the selection stays here.
+    [batch, width, q_heads, head_dim]. Scores and softmax in fp32. With `use_kernel`, Triton kernels write the cache
+    and rotate the query (`LandmarkCacheLayer.write_with_kernel`), select per-token blocks, and run the attention
+    (`retrieval_triton_attention`, which reads the retrieved blocks and [tail | chunk] straight from the cache).
     """
     layer, chunk, block_size = cache.layers[layer_idx], cache.chunk, cache.block_size
     batch, q_heads, width, head_dim = query.shape
     kv_heads = key.shape[1]
-    offsets = torch.arange(width, device=query.device)
-    rotation = chunk.once(("query rotation", query.dtype), lambda: rope_rotation(
-        (chunk.start[:, None] + offsets)[:, None], cache.inv_freq, query.dtype))
-    query = apply_rope(query, None, None, rotation)
-    local_keys, local_values = layer.update(key, value, chunk, cache.inv_freq, local_parts=not use_kernel)
-    retrieved = layer.retrieve(query, chunk, cache.settings, cache.inv_freq, scaling, use_kernel)
-    if use_kernel:
+    if use_kernel:  # the cache write, the landmark keys and the query rotation in one kernel
+        query = layer.write_with_kernel(query, key, value, chunk, cache.inv_freq)
+        retrieved = layer.retrieve(query, chunk, cache.settings, cache.inv_freq, scaling, use_kernel)
         local = layer.local_keys, layer.local_values
         if retrieved is None:  # nothing to retrieve yet: an empty table
             table = starts = torch.full((batch, q_heads, 1, 1), -1, dtype=torch.long, device=query.device)
@@ -174,6 +170,12 @@ def landmark_retrieval_attention(query, key, value, cache, layer_idx, scaling, u
                                             *local)
         return output.transpose(1, 2)
 
+    offsets = torch.arange(width, device=query.device)
+    rotation = chunk.once(("query rotation", query.dtype), lambda: rope_rotation(
+        (chunk.start[:, None] + offsets)[:, None], cache.inv_freq, query.dtype))
+    query = apply_rope(query, None, None, rotation)
+    local_keys, local_values = layer.update(key, value, chunk, cache.inv_freq)
+    retrieved = layer.retrieve(query, chunk, cache.settings, cache.inv_freq, scaling)
     local_length = local_keys.shape[2]
 
     def block_start_rotation():  # the cache keeps keys rotated by their offset: the block's start completes them
