@@ -191,12 +191,13 @@ def _top_blocks_kernel(
 # ---------------------------------------------------------------------------------------------------------
 # Layer 2: the launcher and the public function
 # ---------------------------------------------------------------------------------------------------------
-def _score_tiles(n):
-    """(BLOCK_M, TILE, DK) of the scoring kernel: decoding steps (one or two queries) take wide tiles of blocks,
-    chunks tiles of 16 queries that share each landmark key they load."""
+def _score_tiles(n, half):
+    """(BLOCK_M, TILE, DK) of the scoring kernel: a decoding step (one or two queries a head) loads a tile of blocks
+    whole, all its loads in flight at once; a chunk takes tiles of up to 16 queries that share each landmark key
+    they load, the dimensions in slices of 8."""
     block_m = min(16, triton.next_power_of_2(n))
     if block_m <= 2:
-        return block_m, 64, 16
+        return block_m, 32, triton.next_power_of_2(half)
     return block_m, 32 if block_m == 16 else 64, 8
 
 
@@ -232,7 +233,7 @@ def select_blocks(query, landmarks, in_block_landmarks, blocks, num_blocks, bloc
         return selected, valid, starts
     scratch = torch.empty(batch * q_heads * n, num_blocks, dtype=torch.float32, device=query.device)
     blocks = blocks.long().contiguous()
-    block_m, tile, dk = _score_tiles(n)
+    block_m, tile, dk = _score_tiles(n, head_dim // 2)
     _landmark_scores_kernel[(triton.cdiv(n, block_m), triton.cdiv(num_blocks, tile), batch * q_heads)](
         query, landmarks, in_block_landmarks, blocks, inv_freq.float().contiguous(), scratch,
         query.stride(0), query.stride(1), query.stride(2),

@@ -63,6 +63,8 @@ def _block_share(q1, q2, freq, p_k, p_v, start, visible, sm_scale, slot, tile_ma
     r1, r2 = _rotate_back(q1, q2, freq, start)
     k1 = tl.load(p_k, mask=tile_mask, other=0.0).to(tl.float32)
     k2 = tl.load(p_k + HALF, mask=tile_mask, other=0.0).to(tl.float32)
+    v1 = tl.load(p_v, mask=tile_mask, other=0.0).to(tl.float32)  # issued with the keys: one wait for the block
+    v2 = tl.load(p_v + HALF, mask=tile_mask, other=0.0).to(tl.float32)
     scores = (tl.sum(k1 * r1[None, :], 1) + tl.sum(k2 * r2[None, :], 1)) * sm_scale
     keep = slot < BLOCK_SIZE - 1
     if OWN:
@@ -78,8 +80,6 @@ def _block_share(q1, q2, freq, p_k, p_v, start, visible, sm_scale, slot, tile_ma
         gate = top + tl.log(total)
     else:
         gate = landmark
-    v1 = tl.load(p_v, mask=tile_mask, other=0.0).to(tl.float32)
-    v2 = tl.load(p_v + HALF, mask=tile_mask, other=0.0).to(tl.float32)
     return gate, tl.sum(weights[:, None] * v1, 0), tl.sum(weights[:, None] * v2, 0)
 
 
