@@ -18,13 +18,19 @@ The store keeps a block's keys rotated by their offset in the block only, so the
 block's start instead of rotating the keys forward (<q at m, key at start + o> = <q rotated by m - start, key
 rotated by o>).
 
-Layout. One program per query and head, an online softmax over blocks; a pass of few queries (a decoding step)
-spreads each query's blocks over several programs, whose shares of the softmax one more kernel merges. Each block
-is read straight from the store
+Layout. Three, by the pass's size, each an online softmax over blocks:
+  * a prefill chunk runs in tiles of QUERY_TILE consecutive queries of one head on the tensor cores: each block
+    that any query of the tile attends to is read once (a [tail | chunk] block for all of them, a retrieved block
+    for the queries that picked it, once for each start it was assigned);
+  * a decoding step spreads each query's blocks over several programs, whose shares of the softmax one more kernel
+    merges;
+  * otherwise, one program per query and head reads its blocks one after another.
+Each block is read straight from the store
 (retrieved ones through the block table: no gathered per-query copies), from the query head's key/value head (GQA
 without repeating keys). [tail | chunk] may come from a store of its own: the offloaded cache keeps the recent
-blocks in a ring on the device and the retrieved ones in slots. Scores and softmax in fp32; keys and values in any
-float dtype; head_dim must be even (RoPE rotates pairs).
+blocks in a ring on the device and the retrieved ones in slots. Scores and softmax in fp32 (the tiles' products
+take the rotated queries and the weights in the store's dtype, as flash attention does; fp32 stores through
+3xTF32); keys and values in any float dtype; head_dim must be even (RoPE rotates pairs).
 """
 
 import torch
@@ -36,11 +42,15 @@ except ImportError as error:
     raise ImportError("retrieval_attention needs Triton (pip install triton); the eager path works without it."
                       ) from error
 
+from .landmark_attention import _dot, _interpreting  # tl.dot as the training kernel runs it, interpreter included
+
 __all__ = ["retrieval_attention", "MAX_HEAD_DIM", "MAX_BLOCK_SIZE"]
 
 MAX_HEAD_DIM = 256
 MAX_BLOCK_SIZE = 128
 SPREAD_BELOW = 1024  # passes of fewer (query, head) pairs split each pair's blocks over several programs
+TILES_FROM = 16  # passes of at least this many queries (prefill chunks) run in tiles of QUERY_TILE queries
+QUERY_TILE = 16
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -175,6 +185,131 @@ def _retrieval_attention_kernel(
 
 
 @triton.jit
+def _tile_share(r1, r2, p_k, p_v, sm_scale, slot, tile_mask, gated, visible, HALF: tl.constexpr,
+                BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """`_block_share` for a tile of queries, each rotated into the block's frame ([BLOCK_M, HALF_PAD] halves), on the
+    tensor cores: rows `gated` take the block as a gated one, the others as their own block, whose first `visible`
+    regular keys enter the softmax directly."""
+    k1 = tl.load(p_k, mask=tile_mask, other=0.0)
+    k2 = tl.load(p_k + HALF, mask=tile_mask, other=0.0)
+    v1 = tl.load(p_v, mask=tile_mask, other=0.0)
+    v2 = tl.load(p_v + HALF, mask=tile_mask, other=0.0)
+    scores = (_dot(r1.to(k1.dtype), tl.trans(k1), DOT_PRECISION, UPCAST_DOT)
+              + _dot(r2.to(k2.dtype), tl.trans(k2), DOT_PRECISION, UPCAST_DOT)) * sm_scale
+    landmark = tl.sum(tl.where(slot[None, :] == BLOCK_SIZE - 1, scores, 0.0), 1)
+    keep = (slot[None, :] < BLOCK_SIZE - 1) & (gated[:, None] | (slot[None, :] < visible[:, None]))
+    scores = tl.where(keep, scores, -float("inf"))
+    top = tl.max(scores, 1)
+    top = tl.where(top == -float("inf"), 0.0, top)  # rows with no key here (they do not take the block)
+    weights = tl.exp(scores - top[:, None])
+    total = tl.sum(weights, 1)
+    gate = tl.where(gated, landmark, top + tl.log(total))
+    weights = weights / tl.where(total == 0.0, 1.0, total)[:, None]
+    mix1 = _dot(weights.to(v1.dtype), v1, DOT_PRECISION, UPCAST_DOT)
+    mix2 = _dot(weights.to(v2.dtype), v2, DOT_PRECISION, UPCAST_DOT)
+    return gate, mix1, mix2
+
+
+@triton.jit
+def _merge_rows(gate_max, gate_sum, acc1, acc2, gate, mix1, mix2, take):
+    """`_merge` for a tile of queries, of which the rows `take` take the block."""
+    gate = tl.where(take, gate, -float("inf"))
+    new_max = tl.maximum(gate_max, gate)
+    safe = tl.where(new_max == -float("inf"), 0.0, new_max)
+    rescale = tl.exp(gate_max - safe)
+    share = tl.exp(gate - safe)
+    return (new_max, gate_sum * rescale + share, acc1 * rescale[:, None] + share[:, None] * mix1,
+            acc2 * rescale[:, None] + share[:, None] * mix2)
+
+
+@triton.jit
+def _retrieval_attention_tiles_kernel(
+    q, keys, values, local_keys, local_values, table, starts, row_start, inv_freq, out,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kc, stride_kh, stride_ko,
+    stride_vb, stride_vc, stride_vh, stride_vo,
+    stride_lkb, stride_lkc, stride_lkh, stride_lko,
+    stride_lvb, stride_lvc, stride_lvh, stride_lvo,
+    stride_tb, stride_th, stride_tn,
+    stride_ob, stride_oh, stride_on,
+    q_heads, n, top_k, ring, sm_scale,
+    KV_GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_PAD: tl.constexpr, HALF: tl.constexpr,
+    HALF_PAD: tl.constexpr, BLOCK_M: tl.constexpr, K_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    """A tile of BLOCK_M consecutive queries of one head: each block any of them attends to is read once and scored
+    for the whole tile."""
+    i_b = tl.program_id(1) // q_heads
+    i_h = tl.program_id(1) % q_heads
+    i_kv = i_h // KV_GROUP
+    first_row = tl.program_id(0) * BLOCK_M
+    rows = first_row + tl.arange(0, BLOCK_M)
+    row_in = rows < n
+    d = tl.arange(0, HALF_PAD)
+    in_half = d < HALF
+    slot = tl.arange(0, BLOCK_PAD)
+    tile_mask = (slot < BLOCK_SIZE)[:, None] & in_half[None, :]
+    batch_row = i_b.to(tl.int64)
+
+    p_q = q + batch_row * stride_qb + i_h * stride_qh + rows[:, None].to(tl.int64) * stride_qn + d[None, :]
+    q_mask = row_in[:, None] & in_half[None, :]
+    q1 = tl.load(p_q, mask=q_mask, other=0.0).to(tl.float32)
+    q2 = tl.load(p_q + HALF, mask=q_mask, other=0.0).to(tl.float32)
+    freq = tl.load(inv_freq + d, mask=in_half, other=0.0)[None, :]
+    chunk_start = tl.load(row_start + i_b)
+    position = chunk_start + rows
+    own_block = position // BLOCK_SIZE
+    p_keys = keys + batch_row * stride_kb + i_kv * stride_kh + slot[:, None] * stride_ko + d[None, :]
+    p_values = values + batch_row * stride_vb + i_kv * stride_vh + slot[:, None] * stride_vo + d[None, :]
+    p_local_k = local_keys + batch_row * stride_lkb + i_kv * stride_lkh + slot[:, None] * stride_lko + d[None, :]
+    p_local_v = local_values + batch_row * stride_lvb + i_kv * stride_lvh + slot[:, None] * stride_lvo + d[None, :]
+
+    gate_max = tl.full([BLOCK_M], -float("inf"), tl.float32)
+    gate_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_M, HALF_PAD], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_M, HALF_PAD], dtype=tl.float32)
+    gated = tl.full([BLOCK_M], 1, tl.int1)
+    visible = position % BLOCK_SIZE + 1  # regular keys of its own block up to the query
+    # 1. the retrieved blocks: each distinct (block, assigned start) of the tile's table once, for the rows that
+    # picked it (a row that lists it twice takes it twice)
+    j = tl.arange(0, K_PAD)
+    p_table = batch_row * stride_tb + i_h * stride_th + rows[:, None].to(tl.int64) * stride_tn + j[None, :]
+    table_mask = row_in[:, None] & (j < top_k)[None, :]
+    tile_blocks = tl.load(table + p_table, mask=table_mask, other=-1)
+    tile_starts = tl.load(starts + p_table, mask=table_mask, other=0)
+    entry = tl.arange(0, BLOCK_M)[:, None] * top_k + j[None, :]
+    tile_rows = tl.minimum(n - first_row, BLOCK_M)
+    p_entry = batch_row * stride_tb + i_h * stride_th + first_row.to(tl.int64) * stride_tn
+    for e in range(0, tile_rows * top_k):
+        block = tl.load(table + p_entry + (e // top_k) * stride_tn + e % top_k)
+        start = tl.load(starts + p_entry + (e // top_k) * stride_tn + e % top_k)
+        same = (tile_blocks == block) & (tile_starts == start)
+        if (block >= 0) & (tl.sum((same & (entry < e)).to(tl.int32), axis=None) == 0):
+            count = tl.sum(same.to(tl.float32), 1)
+            r1, r2 = _rotate_back(q1, q2, freq, start)
+            gate, mix1, mix2 = _tile_share(r1, r2, p_keys + block * stride_kc, p_values + block * stride_vc,
+                                           sm_scale, slot, tile_mask, gated, visible, HALF, BLOCK_SIZE,
+                                           DOT_PRECISION, UPCAST_DOT)
+            gate = gate + tl.log(tl.maximum(count, 1.0))
+            gate_max, gate_sum, acc1, acc2 = _merge_rows(gate_max, gate_sum, acc1, acc2, gate, mix1, mix2, count > 0)
+    # 2. [tail | chunk] up to the tile's last own block, at true positions: gated for the rows past it, their own
+    # block for the rows in it (regular keys up to the query)
+    last_block = (chunk_start + first_row + tile_rows - 1) // BLOCK_SIZE
+    for block in range(chunk_start // BLOCK_SIZE, last_block + 1):
+        r1, r2 = _rotate_back(q1, q2, freq, block * BLOCK_SIZE)
+        gate, mix1, mix2 = _tile_share(r1, r2, p_local_k + (block % ring) * stride_lkc,
+                                       p_local_v + (block % ring) * stride_lvc, sm_scale, slot, tile_mask,
+                                       block < own_block, visible, HALF, BLOCK_SIZE, DOT_PRECISION, UPCAST_DOT)
+        gate_max, gate_sum, acc1, acc2 = _merge_rows(gate_max, gate_sum, acc1, acc2, gate, mix1, mix2,
+                                                     row_in & (block <= own_block))
+
+    p_out = out + batch_row * stride_ob + i_h * stride_oh + rows[:, None].to(tl.int64) * stride_on + d[None, :]
+    total = tl.where(row_in, gate_sum, 1.0)[:, None]
+    tl.store(p_out, (acc1 / total).to(out.dtype.element_ty), mask=q_mask)
+    tl.store(p_out + HALF, (acc2 / total).to(out.dtype.element_ty), mask=q_mask)
+
+
+@triton.jit
 def _merge_splits_kernel(
     partial, out, stride_ob, stride_oh, stride_on, q_heads,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, SPLITS: tl.constexpr,
@@ -284,13 +419,7 @@ def retrieval_attention(query, keys, values, table, starts, row_start, inv_freq,
     if out.numel() == 0:
         return out
     table_stride_n = 0 if table.shape[2] == 1 else table.stride(2)
-    half, half_pad = head_dim // 2, triton.next_power_of_2(head_dim // 2)
-    splits = _splits(n, batch * q_heads, table.shape[3], block_size)
-    partial = out if splits == 1 else torch.empty(n * batch * q_heads * splits * (2 + 2 * half_pad),
-                                                  dtype=torch.float32, device=query.device)
-    _retrieval_attention_kernel[(n, batch * q_heads, splits)](
-        query, keys, values, local_keys, local_values, table, starts, row_start, inv_freq.float().contiguous(), out,
-        partial,
+    strides = (
         query.stride(0), query.stride(1), query.stride(2),
         keys.stride(0), keys.stride(1), keys.stride(2), keys.stride(3),
         values.stride(0), values.stride(1), values.stride(2), values.stride(3),
@@ -298,6 +427,26 @@ def retrieval_attention(query, keys, values, table, starts, row_start, inv_freq,
         local_values.stride(0), local_values.stride(1), local_values.stride(2), local_values.stride(3),
         table.stride(0), table.stride(1), table_stride_n,
         out.stride(0), out.stride(1), out.stride(2),
+    )
+    inv_freq = inv_freq.float().contiguous()
+    half = head_dim // 2
+    if n >= TILES_FROM:  # a prefill chunk: tiles of queries on the tensor cores
+        _retrieval_attention_tiles_kernel[(triton.cdiv(n, QUERY_TILE), batch * q_heads)](
+            query, keys, values, local_keys, local_values, table, starts, row_start, inv_freq, out, *strides,
+            q_heads, n, table.shape[3], local_keys.shape[1], float(sm_scale),
+            KV_GROUP=q_heads // kv_heads, BLOCK_SIZE=block_size, BLOCK_PAD=max(16, triton.next_power_of_2(block_size)),
+            HALF=half, HALF_PAD=max(16, triton.next_power_of_2(half)), BLOCK_M=QUERY_TILE,
+            K_PAD=triton.next_power_of_2(table.shape[3]), DOT_PRECISION="tf32x3" if keys.dtype == torch.float32
+            else "tf32", UPCAST_DOT=_interpreting() and keys.dtype == torch.bfloat16, num_warps=4,
+            enable_fp_fusion=True,
+        )
+        return out
+    half_pad = triton.next_power_of_2(half)
+    splits = _splits(n, batch * q_heads, table.shape[3], block_size)
+    partial = out if splits == 1 else torch.empty(n * batch * q_heads * splits * (2 + 2 * half_pad),
+                                                  dtype=torch.float32, device=query.device)
+    _retrieval_attention_kernel[(n, batch * q_heads, splits)](
+        query, keys, values, local_keys, local_values, table, starts, row_start, inv_freq, out, partial, *strides,
         q_heads, table.shape[3], local_keys.shape[1], float(sm_scale),
         KV_GROUP=q_heads // kv_heads, BLOCK_SIZE=block_size, BLOCK_PAD=triton.next_power_of_2(block_size),
         HALF=half, HALF_PAD=half_pad, SPLITS=splits, num_warps=4 if block_size * half <= 4096 else 8,

@@ -90,6 +90,12 @@ INFERENCE_KERNELS = {
         dict(q="bf16", keys="bf16", values="bf16", local_keys="bf16", local_values="bf16", table="i64", starts="i64",
              row_start="i64", inv_freq="fp32", out="bf16", partial="fp32"),
         dict(KV_GROUP=4, BLOCK_SIZE=64, BLOCK_PAD=64, HALF=64, HALF_PAD=64, SPLITS=8), 8),
+    "retrieval_attention_tiles": (  # a prefill chunk: tiles of 16 queries on the tensor cores
+        retrieval._retrieval_attention_tiles_kernel,
+        dict(q="bf16", keys="bf16", values="bf16", local_keys="bf16", local_values="bf16", table="i64", starts="i64",
+             row_start="i64", inv_freq="fp32", out="bf16"),
+        dict(KV_GROUP=4, BLOCK_SIZE=64, BLOCK_PAD=64, HALF=64, HALF_PAD=64, BLOCK_M=retrieval.QUERY_TILE, K_PAD=4,
+             DOT_PRECISION="tf32", UPCAST_DOT=False), 4),
     "retrieval_merge": (
         retrieval._merge_splits_kernel, dict(partial="fp32", out="bf16"), dict(HALF=64, HALF_PAD=64, SPLITS=8), 1),
     "block_scores": (

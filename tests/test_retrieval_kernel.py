@@ -1,7 +1,7 @@
 """The retrieval kernel (`kernels/retrieval_attention.py`) against a float64 reference that rotates every key
 forward to its position (the kernel rotates the query back instead) and spells the grouped softmax out as one
-softmax over shifted scores, with each query's blocks in one program or spread over several (`spread`, as decoding
-steps run). Runs under TRITON_INTERPRET=1 on the CPU; the `cuda` cases at real sizes."""
+softmax over shifted scores, in each of the kernel's layouts (`layout`). Runs under TRITON_INTERPRET=1 on the CPU;
+the `cuda` cases at real sizes."""
 
 import pytest
 import torch
@@ -10,10 +10,13 @@ from landmark_llama.kernels import retrieval_attention as retrieval_module
 from landmark_llama.kernels.retrieval_attention import retrieval_attention
 
 
-@pytest.fixture(params=[False, True], ids=["one_program", "spread"])
-def spread(request, monkeypatch):
-    """Every pass with each query's blocks in one program, or spread over several whatever its size."""
-    monkeypatch.setattr(retrieval_module, "SPREAD_BELOW", 1 << 40 if request.param else 0)
+@pytest.fixture(params=["one_program", "spread", "tiles"])
+def layout(request, monkeypatch):
+    """Every pass in one layout whatever its size: a program per query and head, each query's blocks spread over
+    programs (as decoding steps run), or tiles of queries on the tensor cores (as prefill chunks run)."""
+    never = 1 << 40
+    monkeypatch.setattr(retrieval_module, "SPREAD_BELOW", never if request.param == "spread" else 0)
+    monkeypatch.setattr(retrieval_module, "TILES_FROM", 1 if request.param == "tiles" else never)
     return request.param
 
 
@@ -79,14 +82,14 @@ def random_case(batch, q_heads, kv_heads, n, head_dim, block_size, capacity, top
     ],
 )
 def test_retrieval_attention_equals_the_float64_reference(batch, q_heads, kv_heads, n, head_dim, block_size, top_k,
-                                                          per_chunk, spread):
+                                                          per_chunk, layout):
     case = random_case(batch, q_heads, kv_heads, n, head_dim, block_size, 6, top_k, per_chunk, torch.float32)
     scale = head_dim ** -0.5
     out = retrieval_attention(*case, scale)
     torch.testing.assert_close(out.double(), reference(*case, scale), atol=2e-5, rtol=2e-5)
 
 
-def test_chunk_across_block_boundaries_sees_its_complete_local_blocks(spread):
+def test_chunk_across_block_boundaries_sees_its_complete_local_blocks(layout):
     """A 20-query chunk starting mid-block spans three blocks: later queries gate the complete ones before theirs."""
     case = list(random_case(1, 2, 1, 20, 16, 8, 5, 2, False, torch.float32))
     case[5] = torch.tensor([13])
@@ -94,7 +97,7 @@ def test_chunk_across_block_boundaries_sees_its_complete_local_blocks(spread):
     torch.testing.assert_close(out.double(), reference(*case, 0.3), atol=2e-5, rtol=2e-5)
 
 
-def test_local_blocks_read_from_a_ring_and_retrieved_ones_from_another_store(spread):
+def test_local_blocks_read_from_a_ring_and_retrieved_ones_from_another_store(layout):
     """The offloaded cache's layout: [tail | chunk] in a ring of 3 blocks (block c at c % 3, the other entries
     garbage), the table pointing into a separate store of retrieved blocks."""
     query, keys, values, table, starts, row_start, inv_freq = random_case(2, 4, 2, 9, 16, 8, 7, 3, False,
@@ -115,7 +118,7 @@ def test_local_blocks_read_from_a_ring_and_retrieved_ones_from_another_store(spr
     torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=2e-5)
 
 
-def test_bfloat16_store_is_read_in_fp32():
+def test_bfloat16_store_is_read_in_fp32(layout):
     case = random_case(1, 4, 2, 2, 32, 16, 6, 3, False, torch.bfloat16)
     out = retrieval_attention(*case, 0.2)
     assert out.dtype == torch.bfloat16
