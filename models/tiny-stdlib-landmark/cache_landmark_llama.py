@@ -382,7 +382,7 @@ class LandmarkCacheLayer(CacheLayerMixin):
         positions are written (the kernel reads [tail | chunk] from the store itself), and the landmark keys of the
         blocks they complete. Returns the chunk's `query` [batch, q_heads, width, head_dim] rotated to its
         positions."""
-        rows, written, local_index, _ = self.begin_write(key_states, value_states, chunk)
+        _, written, local_index, _ = self.begin_write(key_states, value_states, chunk)
         query = write_chunk_triton(query, key_states, value_states, self.local_keys, self.local_values,
                                    self.landmarks, self.separate_in_block_landmarks, chunk.start, inv_freq)
         self.written(chunk, written, local_index)
