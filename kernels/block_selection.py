@@ -36,12 +36,14 @@ from .retrieval_attention import _rotate_back  # the rotation the attention kern
 __all__ = ["select_blocks"]
 
 MAX_ROW_TILE = 4096  # a row of at most this many blocks is held in registers while its top k is found
+# sizes that change with the prompt and the pass, never specialised on (a new prompt length compiles nothing new)
+SCORE_SIZES = ["stride_qb", "stride_qh", "stride_lb", "stride_ib", "q_heads", "n", "num_blocks", "top_k"]
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Layer 1: the Triton kernels
 # ---------------------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=SCORE_SIZES)
 def _landmark_scores_kernel(
     q, landmarks, in_block, blocks, inv_freq, scratch,
     stride_qb, stride_qh, stride_qn,
@@ -109,7 +111,7 @@ def _scores_tile(p_scratch, c, num_blocks, held, ONE_TILE: tl.constexpr):
     return score
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows_per_batch", "num_blocks", "k", "top_k"])
 def _top_blocks_kernel(
     scratch, blocks, selected, valid, starts,
     rows_per_batch, num_blocks, k, top_k, tie_tolerance,

@@ -33,7 +33,12 @@ __all__ = ["write_chunk"]
 # ---------------------------------------------------------------------------------------------------------
 # Layer 1: the Triton kernel
 # ---------------------------------------------------------------------------------------------------------
-@triton.jit
+# sizes that change with the prompt and the pass, never specialised on (a new prompt length compiles nothing new)
+WRITE_SIZES = ["stride_qb", "stride_qh", "stride_kb", "stride_kh", "stride_vb", "stride_vh", "stride_ob", "stride_oh",
+               "stride_sb", "stride_wb", "stride_lb", "stride_ib", "kv_heads", "width", "ring"]
+
+
+@triton.jit(do_not_specialize=WRITE_SIZES)
 def _write_chunk_kernel(
     q, k, v, q_out, key_store, value_store, landmarks, in_block, row_start, inv_freq,
     stride_qb, stride_qh, stride_qn,

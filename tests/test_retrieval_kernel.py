@@ -153,3 +153,37 @@ def test_retrieval_attention_on_the_gpu_at_real_sizes(dtype, per_chunk, n):
     expected = reference(*(t.cpu() for t in case), 128 ** -0.5, queries=rows)[:, :, rows]
     tolerance = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out[:, :, rows].double().cpu(), expected, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.cuda
+def test_inference_kernels_compile_nothing_new_for_other_prompt_lengths():
+    """Prompt lengths and pass widths change sizes and strides only: once each layout has run, passes of other
+    widths over stores of other capacities (same size bucket of the top-k row) compile no new kernel."""
+    from landmark_llama.kernels import block_selection, chunk_write
+
+    kernels = [retrieval_module._retrieval_attention_kernel, retrieval_module._retrieval_attention_tiles_kernel,
+               retrieval_module._merge_splits_kernel, block_selection._landmark_scores_kernel,
+               block_selection._top_blocks_kernel, chunk_write._write_chunk_kernel]
+    if any(getattr(kernel, "device_caches", None) is None for kernel in kernels):
+        pytest.skip("this triton version keeps its JIT cache elsewhere")
+
+    def compiled():
+        return sum(len(cache[0]) for kernel in kernels for cache in kernel.device_caches.values())
+
+    def one_pass(n, capacity):  # Llama 3 8B heads, block 64, top-k 4: attention, selection and write
+        case = random_case(1, 32, 8, n, 128, 64, capacity, 4, False, torch.bfloat16, device="cuda")
+        query, keys, values, table, starts, row_start, inv_freq = case
+        retrieval_attention(*case, 0.1)
+        landmarks = torch.randn(1, capacity, 8, 128, device="cuda", dtype=torch.bfloat16)
+        block_selection.select_blocks(query, landmarks, keys[:, :, :, 63], row_start // 64, capacity - 1, 64, 4,
+                                      True, inv_freq, 0.1, 1e-5)
+        new = torch.randn(1, 8, n, 128, device="cuda", dtype=torch.bfloat16)
+        chunk_write.write_chunk(query, new, new, keys, values, landmarks, None, row_start, inv_freq)
+
+    for n in (2, 192):  # a decoding step (spread) and a prefill chunk (tiles)
+        one_pass(n, 70)
+    before = compiled()
+    for n, capacity in ((2, 100), (192, 100), (77, 90), (130, 127), (2, 66)):
+        one_pass(n, capacity)
+    torch.cuda.synchronize()
+    assert compiled() == before

@@ -49,6 +49,9 @@ __all__ = ["retrieval_attention", "MAX_HEAD_DIM", "MAX_BLOCK_SIZE"]
 MAX_HEAD_DIM = 256
 MAX_BLOCK_SIZE = 128
 SPREAD_BELOW = 1024  # passes of fewer (query, head) pairs split each pair's blocks over several programs
+# sizes that change with the prompt, never specialised on (a new prompt length compiles nothing new)
+SIZE_ARGS = ["stride_qb", "stride_qh", "stride_kb", "stride_vb", "stride_lkb", "stride_lvb", "stride_tb", "stride_th",
+             "stride_ob", "q_heads", "top_k", "ring"]
 TILES_FROM = 16  # passes of at least this many queries (prefill chunks) run in tiles of QUERY_TILE queries
 QUERY_TILE = 16
 
@@ -102,7 +105,7 @@ def _merge(gate_max, gate_sum, acc1, acc2, gate, mix1, mix2):
     return new_max, gate_sum * rescale + share, acc1 * rescale + share * mix1, acc2 * rescale + share * mix2
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SIZE_ARGS)
 def _retrieval_attention_kernel(
     q, keys, values, local_keys, local_values, table, starts, row_start, inv_freq, out, partial,
     stride_qb, stride_qh, stride_qn,
@@ -222,7 +225,7 @@ def _merge_rows(gate_max, gate_sum, acc1, acc2, gate, mix1, mix2, take):
             acc2 * rescale[:, None] + share[:, None] * mix2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SIZE_ARGS + ["n"])
 def _retrieval_attention_tiles_kernel(
     q, keys, values, local_keys, local_values, table, starts, row_start, inv_freq, out,
     stride_qb, stride_qh, stride_qn,
@@ -309,7 +312,7 @@ def _retrieval_attention_tiles_kernel(
     tl.store(p_out + HALF, (acc2 / total).to(out.dtype.element_ty), mask=q_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_ob", "q_heads"])
 def _merge_splits_kernel(
     partial, out, stride_ob, stride_oh, stride_on, q_heads,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, SPLITS: tl.constexpr,
