@@ -37,7 +37,7 @@ __all__ = ["select_blocks"]
 
 MAX_ROW_TILE = 4096  # a row of at most this many blocks is held in registers while its top k is found
 # sizes that change with the prompt and the pass, never specialised on (a new prompt length compiles nothing new)
-SCORE_SIZES = ["stride_qb", "stride_qh", "stride_lb", "stride_ib", "q_heads", "n", "num_blocks", "top_k"]
+SCORE_SIZES = ["q_heads", "n", "num_blocks", "top_k"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -49,11 +49,12 @@ def _landmark_scores_kernel(
     stride_qb, stride_qh, stride_qn,
     stride_lb, stride_lc, stride_lh,
     stride_ib, stride_ic, stride_ih,
-    q_heads, n, num_blocks, top_k, scale,
+    q_heads, n, num_blocks, top_k, scale, row_stride,
     KV_GROUP: tl.constexpr, STINGY: tl.constexpr, BLOCK_SIZE: tl.constexpr, HALF: tl.constexpr,
     BLOCK_M: tl.constexpr, TILE: tl.constexpr, DK: tl.constexpr,
 ):
-    """Scores of BLOCK_M queries of one head against TILE blocks -> scratch [batch * q_heads * n, num_blocks]."""
+    """Scores of BLOCK_M queries of one head against TILE blocks -> scratch rows of `row_stride` (num_blocks rounded up
+    to a multiple of 16, so that the rows stay aligned for vector stores and loads whatever the block count)."""
     i_t = tl.program_id(1)
     i_b = tl.program_id(2) // q_heads
     i_h = tl.program_id(2) % q_heads
@@ -97,7 +98,7 @@ def _landmark_scores_kernel(
                 i2 = tl.load(p_i + HALF + d[None, :], mask=mask, other=0.0).to(tl.float32)
                 score += tl.sum(r1[:, None, :] * i1[None, :, :], 2) + tl.sum(r2[:, None, :] * i2[None, :, :], 2)
     score = tl.where(exists[None, :], score * scale, -float("inf"))
-    p_scratch = scratch + (tl.program_id(2).to(tl.int64) * n + rows[:, None]) * num_blocks + c[None, :]
+    p_scratch = scratch + (tl.program_id(2).to(tl.int64) * n + rows[:, None]) * row_stride + c[None, :]
     tl.store(p_scratch, score, mask=row_in[:, None] & (c < num_blocks)[None, :])
 
 
@@ -114,7 +115,7 @@ def _scores_tile(p_scratch, c, num_blocks, held, ONE_TILE: tl.constexpr):
 @triton.jit(do_not_specialize=["rows_per_batch", "num_blocks", "k", "top_k"])
 def _top_blocks_kernel(
     scratch, blocks, selected, valid, starts,
-    rows_per_batch, num_blocks, k, top_k, tie_tolerance,
+    rows_per_batch, num_blocks, k, top_k, tie_tolerance, row_stride,
     STINGY: tl.constexpr, BLOCK_SIZE: tl.constexpr, K_PAD: tl.constexpr, TILE: tl.constexpr,
     ONE_TILE: tl.constexpr,
 ):
@@ -123,7 +124,7 @@ def _top_blocks_kernel(
     complete = tl.load(blocks + row // rows_per_batch)
     recent_from = complete - tl.minimum(complete, top_k)
     window_start = (recent_from - 1) * BLOCK_SIZE
-    p_scratch = scratch + row * num_blocks
+    p_scratch = scratch + row * row_stride
     tile = tl.arange(0, TILE)
     if ONE_TILE:
         held = tl.load(p_scratch + tile, mask=tile < num_blocks, other=-float("inf"))
@@ -233,7 +234,8 @@ def select_blocks(query, landmarks, in_block_landmarks, blocks, num_blocks, bloc
     starts = torch.empty(shape, dtype=torch.long, device=query.device)
     if selected.numel() == 0:
         return selected, valid, starts
-    scratch = torch.empty(batch * q_heads * n, num_blocks, dtype=torch.float32, device=query.device)
+    row_stride = -(-num_blocks // 16) * 16
+    scratch = torch.empty(batch * q_heads * n, row_stride, dtype=torch.float32, device=query.device)
     blocks = blocks.long().contiguous()
     block_m, tile, dk = _score_tiles(n, head_dim // 2)
     _landmark_scores_kernel[(triton.cdiv(n, block_m), triton.cdiv(num_blocks, tile), batch * q_heads)](
@@ -241,7 +243,7 @@ def select_blocks(query, landmarks, in_block_landmarks, blocks, num_blocks, bloc
         query.stride(0), query.stride(1), query.stride(2),
         landmarks.stride(0), landmarks.stride(1), landmarks.stride(2),
         in_block_landmarks.stride(0), in_block_landmarks.stride(1), in_block_landmarks.stride(2),
-        q_heads, n, num_blocks, top_k, float(scale),
+        q_heads, n, num_blocks, top_k, float(scale), row_stride,
         KV_GROUP=q_heads // kv_heads, STINGY=bool(stingy), BLOCK_SIZE=block_size, HALF=head_dim // 2,
         BLOCK_M=block_m, TILE=tile, DK=dk, num_warps=4,
         enable_fp_fusion=True,  # explicit: Triton 3.10 turns the default off
@@ -249,7 +251,7 @@ def select_blocks(query, landmarks, in_block_landmarks, blocks, num_blocks, bloc
     row_tile = min(triton.next_power_of_2(num_blocks), MAX_ROW_TILE)
     _top_blocks_kernel[(batch * q_heads * n,)](
         scratch, blocks, selected, valid, starts,
-        q_heads * n, num_blocks, k, top_k, float(tie_tolerance),
+        q_heads * n, num_blocks, k, top_k, float(tie_tolerance), row_stride,
         STINGY=bool(stingy), BLOCK_SIZE=block_size, K_PAD=triton.next_power_of_2(k), TILE=row_tile,
         ONE_TILE=num_blocks <= row_tile, num_warps=4 if row_tile <= 1024 else 8,
         enable_fp_fusion=True,

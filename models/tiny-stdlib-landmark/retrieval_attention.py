@@ -49,9 +49,9 @@ __all__ = ["retrieval_attention", "MAX_HEAD_DIM", "MAX_BLOCK_SIZE"]
 MAX_HEAD_DIM = 256
 MAX_BLOCK_SIZE = 128
 SPREAD_BELOW = 1024  # passes of fewer (query, head) pairs split each pair's blocks over several programs
-# sizes that change with the prompt, never specialised on (a new prompt length compiles nothing new)
-SIZE_ARGS = ["stride_qb", "stride_qh", "stride_kb", "stride_vb", "stride_lkb", "stride_lvb", "stride_tb", "stride_th",
-             "stride_ob", "q_heads", "top_k", "ring"]
+# sizes that change with the prompt or the pass, never specialised on, so that a new prompt length compiles nothing
+# new (the stores' and queries' strides keep their multiples of 16 whatever the length, which vector loads need)
+SIZE_ARGS = ["stride_tb", "stride_th", "q_heads", "top_k", "ring"]
 TILES_FROM = 16  # passes of at least this many queries (prefill chunks) run in tiles of QUERY_TILE queries
 QUERY_TILE = 16
 
@@ -312,7 +312,7 @@ def _retrieval_attention_tiles_kernel(
     tl.store(p_out + HALF, (acc2 / total).to(out.dtype.element_ty), mask=q_mask)
 
 
-@triton.jit(do_not_specialize=["stride_ob", "q_heads"])
+@triton.jit(do_not_specialize=["q_heads"])
 def _merge_splits_kernel(
     partial, out, stride_ob, stride_oh, stride_on, q_heads,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, SPLITS: tl.constexpr,
