@@ -396,7 +396,7 @@ class LandmarkCacheLayer(CacheLayerMixin):
         """Select blocks for the chunk's queries [batch, q_heads, width, head_dim] (rotated to their true positions).
 
         Returns None when no row has a complete block yet, else `RetrievedBlocks`. `use_kernel`: per-token selection
-        runs as one Triton kernel (`select_blocks_triton`), which computes the same.
+        runs as two Triton kernels (`select_blocks_triton`: scores, then the top k), which compute the same.
         """
         block_size, top_k = self.block_size, settings.retrieval_top_k
         blocks = chunk.once("complete blocks", lambda: chunk.start // block_size)  # of each row
