@@ -167,8 +167,11 @@ def landmark_retrieval_attention(query, key, value, cache, layer_idx, scaling, u
         else:
             table, starts, keys, values = retrieved.table(), retrieved.starts, retrieved.keys, retrieved.values
         output = retrieval_triton_attention(query, keys, values, table, starts, chunk.start, cache.inv_freq, scaling,
-                                            *local)
+                                            *local, chunk_length=chunk.chunk_length)
         return output.transpose(1, 2)
+    if chunk.chunk_length is not None and width > chunk.chunk_length:
+        raise ValueError(f"a pass of {width} positions in chunks of {chunk.chunk_length} needs the retrieval kernels; "
+                         "the eager path runs one chunk a pass.")
 
     offsets = torch.arange(width, device=query.device)
     rotation = chunk.once(("query rotation", query.dtype), lambda: rope_rotation(
@@ -211,17 +214,17 @@ def landmark_retrieval_attention(query, key, value, cache, layer_idx, scaling, u
     return output.to(value.dtype).transpose(1, 2)
 
 
-def _use_triton(config, query, dropout):
+def _use_triton(config, device, head_dim, dropout):
     """Which path `landmark_attention_forward` takes, by `config.attention_backend`."""
     if config.attention_backend == "eager":
         return False
     problems = []
     if landmark_triton_attention is None:
         problems.append("Triton is not installed")
-    if not query.is_cuda:
-        problems.append(f"the tensors are on {query.device.type}, the kernel needs CUDA")
-    if query.shape[-1] > TRITON_MAX_HEAD_DIM:
-        problems.append(f"head_dim {query.shape[-1]} is above the kernel's {TRITON_MAX_HEAD_DIM}")
+    if device.type != "cuda":
+        problems.append(f"the tensors are on {device.type}, the kernel needs CUDA")
+    if head_dim > TRITON_MAX_HEAD_DIM:
+        problems.append(f"head_dim {head_dim} is above the kernel's {TRITON_MAX_HEAD_DIM}")
     if config.block_size > 128:
         problems.append(f"block_size {config.block_size} is above the kernel's 128")
     if dropout > 0:
@@ -248,7 +251,8 @@ def landmark_attention_forward(
     inference form against the cache (`landmark_retrieval_attention`); otherwise the training form.
     """
     config = module.config
-    use_triton = _use_triton(config, query, dropout)  # also refuses a backend that cannot run, in both forms
+    # also refuses a backend that cannot run, in both forms
+    use_triton = _use_triton(config, query.device, query.shape[-1], dropout)
     if retrieval_cache is not None:
         output = landmark_retrieval_attention(
             query, key, value, retrieval_cache, module.layer_idx, scaling, use_kernel=use_triton
@@ -374,6 +378,10 @@ class LandmarkLlamaPreTrainedModel(LlamaPreTrainedModel):
             export_remote_code(save_directory)
 
 
+PREFILL_PASS_POSITIONS = 4096  # internal positions a prefill pass on the kernels holds at most (whole chunks)
+PREFILL_SCRATCH_BYTES = 1 << 30  # the selection's fp32 scores of such a pass: [batch, heads, positions, blocks]
+
+
 class LandmarkLlamaModel(LandmarkLlamaPreTrainedModel, LlamaModel):
     """`LlamaModel` that inserts landmarks before the stack and drops them after it.
 
@@ -474,10 +482,11 @@ class LandmarkLlamaModel(LandmarkLlamaPreTrainedModel, LlamaModel):
 
         return self._step_graph(cache, "decode", inputs_embeds)(step, inputs_embeds, real, cache.buffers())
 
-    def _static_pass(self, internal_embeds, lengths, cache, most_blocks, **kwargs):
-        """The stock stack over [batch, width, hidden] internal positions adding `lengths` [batch] to each row, with
-        static shapes and no host reads (`LandmarkRetrievalCache.begin_static_pass`): what a CUDA graph captures."""
-        cache.begin_static_pass(lengths, most_blocks)
+    def _static_pass(self, internal_embeds, lengths, cache, most_blocks, chunk_length=None, **kwargs):
+        """The stock stack over [batch, width, hidden] internal positions adding `lengths` [batch] to each row (in
+        chunks of `chunk_length`), with static shapes and no host reads (`LandmarkRetrievalCache.begin_static_pass`):
+        what a CUDA graph captures."""
+        cache.begin_static_pass(lengths, most_blocks, chunk_length)
         return self._stack_pass(internal_embeds, cache, **kwargs).last_hidden_state
 
     def _stack_pass(self, internal_embeds, cache, **kwargs):
@@ -516,17 +525,19 @@ class LandmarkLlamaModel(LandmarkLlamaPreTrainedModel, LlamaModel):
         cache.reserve(total + chunk_length)  # the stores are allocated once for the whole input
         if cache.settings.offload_to_cpu and not per_layer_outputs:
             return self._forward_layer_major(internal_embeds, lengths, cache, **kwargs)
+        pass_length = self._prefill_pass_length(cache, internal_embeds)
         last_hidden, hidden_states = [], []
-        for begin in range(0, total, chunk_length):
-            chunk = internal_embeds[:, begin : begin + chunk_length]
+        for begin in range(0, total, pass_length):
+            chunk = internal_embeds[:, begin : begin + pass_length]
             width = chunk.shape[1]
             chunk_lengths = (lengths - begin).clamp(0, width)
-            if static:  # no host reads: the chunks of one width replay one captured graph
-                step = partial(self._static_pass, cache=cache, most_blocks=cache.plan_static_pass(width), **kwargs)
+            if static:  # no host reads: the passes of one width replay one captured graph
+                step = partial(self._static_pass, cache=cache, most_blocks=cache.plan_static_pass(width),
+                               chunk_length=chunk_length, **kwargs)
                 graph = self._step_graph(cache, "chunk", chunk)
                 last_hidden.append(graph(step, chunk, chunk_lengths, cache.buffers()))
                 continue
-            cache.begin_chunk(chunk_lengths, width)
+            cache.begin_chunk(chunk_lengths, width, chunk_length)
             outputs = self._stack_pass(chunk, cache, **kwargs)
             last_hidden.append(outputs.last_hidden_state)
             hidden_states.append(outputs.hidden_states)
@@ -538,6 +549,24 @@ class LandmarkLlamaModel(LandmarkLlamaPreTrainedModel, LlamaModel):
         if outputs.hidden_states is not None:
             outputs.hidden_states = tuple(torch.cat(per_layer, 1) for per_layer in zip(*hidden_states))
         return outputs
+
+    def _prefill_pass_length(self, cache, internal_embeds):
+        """Internal positions per pass through the stack: one chunk, or on the retrieval kernels with per-token
+        retrieval as many chunks as `PREFILL_PASS_POSITIONS` holds (a pass of several chunks computes what passes of
+        one chunk compute, `ChunkPositions.chunk_length`, with long matrix products and a few launches a layer
+        instead of a few per chunk), as far as the selection's scratch scores stay within
+        `PREFILL_SCRATCH_BYTES`."""
+        chunk_length, settings = cache.settings.prefill_chunk_length, cache.settings
+        config = self.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        if (settings.retrieval_granularity != "token" or settings.offload_to_cpu
+                or not _use_triton(config, internal_embeds.device, head_dim, 0.0)):
+            return chunk_length
+        batch, total = internal_embeds.shape[:2]
+        scores_per_chunk = batch * config.num_attention_heads * chunk_length * cache.layers[0].capacity * 4
+        chunks = min(PREFILL_PASS_POSITIONS // chunk_length, PREFILL_SCRATCH_BYTES // scores_per_chunk,
+                     -(-total // chunk_length))
+        return chunk_length * max(chunks, 1)
 
     def _forward_layer_major(self, internal_embeds, lengths, cache, **kwargs):
         """The stack over an input continuing an offloaded cache, layer by layer: every chunk through one layer before

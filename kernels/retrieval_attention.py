@@ -14,6 +14,10 @@ A gated block c contributes its landmark score g_c as a gate and o_c = softmax_j
 keys; the own block contributes its scores directly, which is a gate equal to their logsumexp. The output is
 sum_c softmax(gates)_c o_c: the training form's grouped softmax, block by block.
 
+A wide prefill pass runs several chunks of `chunk_length` queries at once: a query's tail is then its own chunk's
+(s is the start of the chunk holding it), and its table row that chunk's selection, so that the pass computes what
+passes of one chunk compute, with fewer launches and larger grids.
+
 The store keeps a block's keys rotated by their offset in the block only, so the query is rotated back by each
 block's start instead of rotating the keys forward (<q at m, key at start + o> = <q rotated by m - start, key
 rotated by o>).
@@ -51,7 +55,7 @@ MAX_BLOCK_SIZE = 128
 SPREAD_BELOW = 1024  # passes of fewer (query, head) pairs split each pair's blocks over several programs
 # sizes that change with the prompt or the pass, never specialised on, so that a new prompt length compiles nothing
 # new (the stores' and queries' strides keep their multiples of 16 whatever the length, which vector loads need)
-SIZE_ARGS = ["stride_tb", "stride_th", "q_heads", "top_k", "ring"]
+SIZE_ARGS = ["stride_tb", "stride_th", "q_heads", "top_k", "ring", "chunk_length"]
 TILES_FROM = 16  # passes of at least this many queries (prefill chunks) run in tiles of QUERY_TILE queries
 QUERY_TILE = 16
 
@@ -115,7 +119,7 @@ def _retrieval_attention_kernel(
     stride_lvb, stride_lvc, stride_lvh, stride_lvo,
     stride_tb, stride_th, stride_tn,
     stride_ob, stride_oh, stride_on,
-    q_heads, top_k, ring, sm_scale,
+    q_heads, top_k, ring, chunk_length, sm_scale,
     KV_GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_PAD: tl.constexpr, HALF: tl.constexpr,
     HALF_PAD: tl.constexpr, SPLITS: tl.constexpr,
 ):
@@ -137,7 +141,7 @@ def _retrieval_attention_kernel(
     chunk_start = tl.load(row_start + i_b)
     position = chunk_start + i_n
     own_block = position // BLOCK_SIZE
-    local_first = chunk_start // BLOCK_SIZE
+    local_first = (chunk_start + i_n // chunk_length * chunk_length) // BLOCK_SIZE  # its chunk's tail
     p_keys = keys + i_b.to(tl.int64) * stride_kb + i_kv * stride_kh + slot[:, None] * stride_ko + d[None, :]
     p_values = values + i_b.to(tl.int64) * stride_vb + i_kv * stride_vh + slot[:, None] * stride_vo + d[None, :]
     # [tail | chunk] from the local store, block c at c % ring (a ring of recent blocks where the store is offloaded)
@@ -235,7 +239,7 @@ def _retrieval_attention_tiles_kernel(
     stride_lvb, stride_lvc, stride_lvh, stride_lvo,
     stride_tb, stride_th, stride_tn,
     stride_ob, stride_oh, stride_on,
-    q_heads, n, top_k, ring, sm_scale,
+    q_heads, n, top_k, ring, chunk_length, sm_scale,
     KV_GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_PAD: tl.constexpr, HALF: tl.constexpr,
     HALF_PAD: tl.constexpr, BLOCK_M: tl.constexpr, K_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
@@ -262,6 +266,7 @@ def _retrieval_attention_tiles_kernel(
     chunk_start = tl.load(row_start + i_b)
     position = chunk_start + rows
     own_block = position // BLOCK_SIZE
+    local_first = (chunk_start + rows // chunk_length * chunk_length) // BLOCK_SIZE  # each query's chunk's tail
     p_keys = keys + batch_row * stride_kb + i_kv * stride_kh + slot[:, None] * stride_ko + d[None, :]
     p_values = values + batch_row * stride_vb + i_kv * stride_vh + slot[:, None] * stride_vo + d[None, :]
     p_local_k = local_keys + batch_row * stride_lkb + i_kv * stride_lkh + slot[:, None] * stride_lko + d[None, :]
@@ -295,16 +300,16 @@ def _retrieval_attention_tiles_kernel(
                                            DOT_PRECISION, UPCAST_DOT)
             gate = gate + tl.log(tl.maximum(count, 1.0))
             gate_max, gate_sum, acc1, acc2 = _merge_rows(gate_max, gate_sum, acc1, acc2, gate, mix1, mix2, count > 0)
-    # 2. [tail | chunk] up to the tile's last own block, at true positions: gated for the rows past it, their own
-    # block for the rows in it (regular keys up to the query)
+    # 2. [tail | chunk] of each query's chunk up to the tile's last own block, at true positions: gated for the
+    # rows past it, their own block for the rows in it (regular keys up to the query)
     last_block = (chunk_start + first_row + tile_rows - 1) // BLOCK_SIZE
-    for block in range(chunk_start // BLOCK_SIZE, last_block + 1):
+    for block in range(tl.min(local_first, 0), last_block + 1):
         r1, r2 = _rotate_back(q1, q2, freq, block * BLOCK_SIZE)
         gate, mix1, mix2 = _tile_share(r1, r2, p_local_k + (block % ring) * stride_lkc,
                                        p_local_v + (block % ring) * stride_lvc, sm_scale, slot, tile_mask,
                                        block < own_block, visible, HALF, BLOCK_SIZE, DOT_PRECISION, UPCAST_DOT)
         gate_max, gate_sum, acc1, acc2 = _merge_rows(gate_max, gate_sum, acc1, acc2, gate, mix1, mix2,
-                                                     row_in & (block <= own_block))
+                                                     row_in & (block <= own_block) & (block >= local_first))
 
     p_out = out + batch_row * stride_ob + i_h * stride_oh + rows[:, None].to(tl.int64) * stride_on + d[None, :]
     total = tl.where(row_in, gate_sum, 1.0)[:, None]
@@ -391,7 +396,7 @@ def _unit_inner_stride(t):
 
 
 def retrieval_attention(query, keys, values, table, starts, row_start, inv_freq, sm_scale, local_keys=None,
-                        local_values=None):
+                        local_values=None, chunk_length=None):
     """A chunk's retrieval attention read from the cache's store (see the module docstring).
 
     query: [batch, q_heads, n, head_dim], rotated to its positions row_start + 0 .. n - 1 (RoPE attention scaling
@@ -405,6 +410,9 @@ def retrieval_attention(query, keys, values, table, starts, row_start, inv_freq,
     local_keys, local_values: where [tail | chunk] is read, already holding the chunk: block c of a row at index
         c % local_keys.shape[1] (a ring of recent blocks; the whole store, as by default, has every block at its own
         index). Default: `keys`, `values`.
+    chunk_length: the queries run in chunks of this many (default: all n in one), each attending to its own
+        [tail | chunk] as if it were a pass of its own: the query at offset i from the tail of the block that holds
+        row_start + i // chunk_length * chunk_length (the table holds each chunk's own selection).
     Returns [batch, q_heads, n, head_dim] in the query's dtype, laid out as [batch, n, q_heads, head_dim] in memory.
     """
     local_keys = keys if local_keys is None else local_keys
@@ -421,6 +429,10 @@ def retrieval_attention(query, keys, values, table, starts, row_start, inv_freq,
     out = query.new_empty(batch, n, q_heads, head_dim).transpose(1, 2)
     if out.numel() == 0:
         return out
+    chunk_length = max(n, 1) if chunk_length is None else chunk_length
+    if chunk_length < 1 or (table.shape[2] == 1 and chunk_length < n):
+        raise ValueError(f"retrieval_attention: chunk_length must be positive, and cover the pass with one selection "
+                         f"per chunk (a table of one row), got {chunk_length} for {n} queries.")
     table_stride_n = 0 if table.shape[2] == 1 else table.stride(2)
     strides = (
         query.stride(0), query.stride(1), query.stride(2),
@@ -436,7 +448,7 @@ def retrieval_attention(query, keys, values, table, starts, row_start, inv_freq,
     if n >= TILES_FROM:  # a prefill chunk: tiles of queries on the tensor cores
         _retrieval_attention_tiles_kernel[(triton.cdiv(n, QUERY_TILE), batch * q_heads)](
             query, keys, values, local_keys, local_values, table, starts, row_start, inv_freq, out, *strides,
-            q_heads, n, table.shape[3], local_keys.shape[1], float(sm_scale),
+            q_heads, n, table.shape[3], local_keys.shape[1], chunk_length, float(sm_scale),
             KV_GROUP=q_heads // kv_heads, BLOCK_SIZE=block_size, BLOCK_PAD=max(16, triton.next_power_of_2(block_size)),
             HALF=half, HALF_PAD=max(16, triton.next_power_of_2(half)), BLOCK_M=QUERY_TILE,
             K_PAD=triton.next_power_of_2(table.shape[3]), DOT_PRECISION="tf32x3" if keys.dtype == torch.float32
@@ -450,7 +462,7 @@ def retrieval_attention(query, keys, values, table, starts, row_start, inv_freq,
                                                   dtype=torch.float32, device=query.device)
     _retrieval_attention_kernel[(n, batch * q_heads, splits)](
         query, keys, values, local_keys, local_values, table, starts, row_start, inv_freq, out, partial, *strides,
-        q_heads, table.shape[3], local_keys.shape[1], float(sm_scale),
+        q_heads, table.shape[3], local_keys.shape[1], chunk_length, float(sm_scale),
         KV_GROUP=q_heads // kv_heads, BLOCK_SIZE=block_size, BLOCK_PAD=triton.next_power_of_2(block_size),
         HALF=half, HALF_PAD=half_pad, SPLITS=splits, num_warps=4 if block_size * half <= 4096 else 8,
         enable_fp_fusion=True,  # explicit: Triton 3.10 turns the default off

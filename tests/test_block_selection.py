@@ -54,3 +54,37 @@ def test_fused_selection_equals_the_pytorch_selection(positions, batch, q_heads,
     assert torch.equal(fused.starts, expected.starts)
     if batch == 3:  # the row without blocks picks none, the row with two picks both
         assert not expected.valid[0].any() and (expected.valid[1].sum(-1) == 2).all()
+
+
+@pytest.mark.parametrize("positions", ["stingy", "true"])
+@pytest.mark.parametrize("width, chunk_length, block_size, top_k", [(23, 7, 4, 2), (40, 16, 8, 3)])
+def test_pass_of_several_chunks_selects_as_passes_of_one_chunk(positions, width, chunk_length, block_size, top_k):
+    """A wide prefill pass: each chunk of `chunk_length` queries selects among the blocks complete at its own start,
+    with its own stingy window, as the PyTorch selection does for that chunk run as a pass of its own."""
+    batch, q_heads, kv_heads, head_dim, capacity = 3, 2, 1, 16, 24
+    generator = torch.Generator().manual_seed(width + block_size)
+    layer = _layer(batch, kv_heads, capacity, block_size, head_dim, generator)
+    start = torch.tensor([0, 5, 3 * block_size + 1])  # rows with no, one and several blocks before the pass
+    query = torch.randn(batch, q_heads, width, head_dim, generator=generator)
+    settings = RetrievalSettings(top_k, "token", positions, 10, True, False)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    lengths = torch.full((batch,), width)
+    wide = ChunkPositions(start, lengths, int((start // block_size).max()), int((start % block_size).max()),
+                          torch.tensor(0), chunk_length)
+    fused = layer.retrieve(query, wide, settings, inv_freq, 0.3, use_kernel=True)
+    k = fused.valid.shape[-1]
+    for begin in range(0, width, chunk_length):
+        own_start = start + begin
+        own = ChunkPositions(own_start, lengths.clamp(max=chunk_length), int((own_start // block_size).max()),
+                             int((own_start % block_size).max()), torch.tensor(0))
+        expected = layer.retrieve(query[:, :, begin : begin + chunk_length], own, settings, inv_freq, 0.3)
+        rows = slice(begin, begin + chunk_length)
+        if expected is None:  # no row has a complete block yet
+            assert not fused.valid[:, :, rows].any()
+            continue
+        places = expected.valid.shape[-1]
+        assert not fused.valid[:, :, rows, places:].any() and places <= k
+        assert torch.equal(fused.valid[:, :, rows, :places], expected.valid)
+        picked = expected.valid
+        assert torch.equal(fused.blocks[:, :, rows, :places][picked], expected.blocks[picked])
+        assert torch.equal(fused.starts[:, :, rows, :places][picked], expected.starts[picked])

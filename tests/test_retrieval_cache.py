@@ -273,24 +273,31 @@ def test_generate_from_inputs_embeds_equals_generate_from_ids():
     assert torch.equal(from_embeds, from_ids[:, 50:])  # generate returns only the new tokens for embeddings
 
 
-@pytest.mark.parametrize("granularity, positions, cuda_graphs, offload", [
-    ("chunk", "true", True, False), ("token", "stingy", False, False), ("token", "stingy", True, True),
+@pytest.mark.parametrize("granularity, positions, cuda_graphs, offload, pass_positions, length", [
+    ("chunk", "true", True, False, None, 60), ("token", "stingy", False, False, None, 60),
+    ("token", "stingy", True, True, None, 60), ("token", "stingy", True, False, None, 60),
+    ("token", "true", False, False, 80, 150),
 ])
 def test_retrieval_kernel_serves_the_cache_like_the_eager_path(monkeypatch, granularity, positions, cuda_graphs,
-                                                               offload):
+                                                               offload, pass_positions, length):
     """With the kernels on (here under TRITON_INTERPRET), every chunk and decoding step runs on the retrieval kernel,
     which reads the cache in place, in static passes (cuda_graphs on: static bounds, no host reads) and in exact
     ones, and with the store offloaded (the local part from the ring, retrieved blocks from the slots or the staged
-    layer): logits and greedy tokens equal the eager path's, padded batches too."""
+    layer): logits and greedy tokens equal the eager path's, padded batches too. With per-token retrieval and the
+    store on the device, the prefill runs as wide passes of several chunks (all of a short prompt in one, or
+    `PREFILL_PASS_POSITIONS` at a time), which compute what the eager path's passes of one chunk compute."""
     import landmark_llama.modeling_landmark_llama as modeling
 
+    if pass_positions is not None:
+        monkeypatch.setattr(modeling, "PREFILL_PASS_POSITIONS", pass_positions)
     # two query heads over one key/value head (the interpreter's time grows with heads); chunks of 40 positions
     model = tiny_landmark_model(train_context_length=64, retrieval_top_k=2, hidden_size=32, intermediate_size=64,
                                 num_attention_heads=2, num_key_value_heads=1)
     settings = dict(retrieval_granularity=granularity, retrieval_positions=positions, cuda_graphs=cuda_graphs,
                     offload_to_cpu=offload)
-    ids = random_ids(1, 60)
-    padded, mask, _ = left_padded([60, 41])
+    chunk_length = LandmarkRetrievalCache(model.config, **settings).settings.prefill_chunk_length
+    ids = random_ids(1, length)
+    padded, mask, _ = left_padded([length, 41])
 
     def run():
         with torch.no_grad():
@@ -306,14 +313,20 @@ def test_retrieval_kernel_serves_the_cache_like_the_eager_path(monkeypatch, gran
     eager = run()
     widths = []
     kernel = modeling.retrieval_triton_attention
-    monkeypatch.setattr(modeling, "_use_triton", lambda config, query, dropout: True)
+    monkeypatch.setattr(modeling, "_use_triton", lambda config, device, head_dim, dropout: True)
     monkeypatch.setattr(modeling, "retrieval_triton_attention",
-                        lambda *args: widths.append(args[0].shape[2]) or kernel(*args))
+                        lambda *args, **kwargs: widths.append(args[0].shape[2]) or kernel(*args, **kwargs))
     on_kernel = run()
     torch.testing.assert_close(on_kernel[0], eager[0], atol=2e-5, rtol=2e-5)
     assert torch.equal(on_kernel[1], eager[1])
     torch.testing.assert_close(on_kernel[2], eager[2], atol=2e-5, rtol=2e-5)
-    assert {40, 28, 2 if cuda_graphs else 1} <= set(widths)  # both chunks and the decoding steps
+    internal = length + length // (model.config.block_size - 1)  # the prompt with its landmarks
+    wide = granularity == "token" and not offload
+    pass_length = chunk_length * (min(modeling.PREFILL_PASS_POSITIONS // chunk_length, -(-internal // chunk_length))
+                                  if wide else 1)
+    passes = {min(pass_length, internal - begin) for begin in range(0, internal, pass_length)}
+    assert passes | {2 if cuda_graphs else 1} <= set(widths)  # every prefill pass and the decoding steps
+    assert max(widths) == max(passes)
 
 
 def test_step_graphs_warm_capture_and_replay_like_plain_passes(monkeypatch):

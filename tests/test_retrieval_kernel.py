@@ -28,11 +28,14 @@ def rotate(x, positions, inv_freq):
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
 
 
-def reference(query, keys, values, table, starts, row_start, inv_freq, scale, queries=None):
-    """[batch, q_heads, n, head_dim] float64; only at the query indices `queries` (all by default), zeros elsewhere."""
+def reference(query, keys, values, table, starts, row_start, inv_freq, scale, queries=None, chunk_length=None):
+    """[batch, q_heads, n, head_dim] float64; only at the query indices `queries` (all by default), zeros elsewhere.
+    The queries run in chunks of `chunk_length` (default: one chunk), each one's local blocks from the block that
+    holds its chunk's first position."""
     batch, q_heads, n, head_dim = query.shape
     group = q_heads // keys.shape[2]
     block_size = keys.shape[3]
+    chunk_length = chunk_length or n
     out = torch.zeros(batch, q_heads, n, head_dim, dtype=torch.float64)
     for b in range(batch):
         for h in range(q_heads):
@@ -42,7 +45,8 @@ def reference(query, keys, values, table, starts, row_start, inv_freq, scale, qu
                 own = position // block_size
                 r = i if table.shape[2] == n else 0
                 gated = [(int(c), int(start)) for c, start in zip(table[b, h, r], starts[b, h, r]) if c >= 0]
-                gated += [(c, c * block_size) for c in range(int(row_start[b]) // block_size, own)]
+                chunk_first = int(row_start[b]) + i // chunk_length * chunk_length
+                gated += [(c, c * block_size) for c in range(chunk_first // block_size, own)]
                 shifted, mixed = [], []
                 for block, start in gated:  # regular scores shifted by the landmark's minus their logsumexp
                     key = rotate(store_keys[block], torch.full((block_size,), start), inv_freq)
@@ -97,6 +101,18 @@ def test_chunk_across_block_boundaries_sees_its_complete_local_blocks(layout):
     torch.testing.assert_close(out.double(), reference(*case, 0.3), atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("n, chunk_length, row_start", [(23, 7, 13), (40, 16, 5), (17, 9, 0)])
+def test_pass_of_several_chunks_gives_each_chunk_its_own_local_blocks(layout, n, chunk_length, row_start):
+    """A wide prefill pass: query i attends to the local blocks from its own chunk's tail (the chunk that holds
+    i // chunk_length), as if each chunk ran as a pass of its own, with its own row of the table."""
+    case = list(random_case(2, 2, 1, n, 16, 8, 8, 2, False, torch.float32))
+    case[5] = torch.tensor([row_start, row_start + 11])
+    out = retrieval_attention(*case, 0.3, chunk_length=chunk_length)
+    expected = reference(*case, 0.3, chunk_length=chunk_length)
+    torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=2e-5)
+    assert not torch.allclose(expected, reference(*case, 0.3), atol=1e-3)  # one chunk would see other blocks
+
+
 def test_local_blocks_read_from_a_ring_and_retrieved_ones_from_another_store(layout):
     """The offloaded cache's layout: [tail | chunk] in a ring of 3 blocks (block c at c % 3, the other entries
     garbage), the table pointing into a separate store of retrieved blocks."""
@@ -139,18 +155,22 @@ def test_bad_inputs_get_clear_errors(change, message):
     case = random_case(1, 2, 1, 2, 16, 8, 4, 2, False, torch.float32)
     with pytest.raises(ValueError, match=message):
         retrieval_attention(*change(case), 0.25)
+    one_selection = random_case(1, 2, 1, 6, 16, 8, 4, 2, True, torch.float32)
+    with pytest.raises(ValueError, match="chunk_length"):  # a table of one row cannot serve chunks of their own
+        retrieval_attention(*one_selection, 0.25, chunk_length=3)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("per_chunk, n", [(False, 192), (True, 192), (False, 2)])
-def test_retrieval_attention_on_the_gpu_at_real_sizes(dtype, per_chunk, n):
-    """Llama 3 8B heads (32 over 8 of 128), block 64, a 192-query prefill chunk (one program a query and head) or a
-    decoding step's two queries (spread over programs) against 40 blocks."""
+@pytest.mark.parametrize("per_chunk, n, chunk_length", [(False, 192, None), (True, 192, None), (False, 2, None),
+                                                        (False, 700, 192)])
+def test_retrieval_attention_on_the_gpu_at_real_sizes(dtype, per_chunk, n, chunk_length):
+    """Llama 3 8B heads (32 over 8 of 128), block 64, a 192-query prefill chunk (tiles of queries), a wide pass of
+    such chunks, or a decoding step's two queries (spread over programs) against 40 blocks."""
     case = random_case(1, 32, 8, n, 128, 64, 40, 4, per_chunk, dtype, device="cuda")
-    out = retrieval_attention(*case, 128 ** -0.5)
-    rows = [0, 1, 63, 191] if n > 2 else [0, 1]  # the float64 reference of every head at a few queries
-    expected = reference(*(t.cpu() for t in case), 128 ** -0.5, queries=rows)[:, :, rows]
+    out = retrieval_attention(*case, 128 ** -0.5, chunk_length=chunk_length)
+    rows = [0, 1, 63, 191, 192, 450, n - 1] if n > 192 else [0, 1, 63, 191] if n > 2 else [0, 1]
+    expected = reference(*(t.cpu() for t in case), 128 ** -0.5, queries=rows, chunk_length=chunk_length)[:, :, rows]
     tolerance = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out[:, :, rows].double().cpu(), expected, atol=tolerance, rtol=tolerance)
 
@@ -173,17 +193,17 @@ def test_inference_kernels_compile_nothing_new_for_other_prompt_lengths():
     def one_pass(n, capacity):  # Llama 3 8B heads, block 64, top-k 4: attention, selection and write
         case = random_case(1, 32, 8, n, 128, 64, capacity, 4, False, torch.bfloat16, device="cuda")
         query, keys, values, table, starts, row_start, inv_freq = case
-        retrieval_attention(*case, 0.1)
+        retrieval_attention(*case, 0.1, chunk_length=192)
         landmarks = torch.randn(1, capacity, 8, 128, device="cuda", dtype=torch.bfloat16)
-        block_selection.select_blocks(query, landmarks, keys[:, :, :, 63], row_start // 64, capacity - 1, 64, 4,
-                                      True, inv_freq, 0.1, 1e-5)
+        block_selection.select_blocks(query, landmarks, keys[:, :, :, 63], row_start, capacity - 1, 64, 4,
+                                      True, inv_freq, 0.1, 1e-5, chunk_length=192)
         new = torch.randn(1, 8, n, 128, device="cuda", dtype=torch.bfloat16)
         chunk_write.write_chunk(query, new, new, keys, values, landmarks, None, row_start, inv_freq)
 
     for n in (2, 192):  # a decoding step (spread) and a prefill chunk (tiles)
         one_pass(n, 70)
     before = compiled()
-    for n, capacity in ((2, 100), (192, 100), (77, 90), (130, 127), (2, 66)):
+    for n, capacity in ((2, 100), (192, 100), (77, 90), (130, 127), (2, 66), (960, 127)):
         one_pass(n, capacity)
     torch.cuda.synchronize()
     assert compiled() == before

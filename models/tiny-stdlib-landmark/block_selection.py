@@ -13,6 +13,9 @@ It computes what `cache_landmark_llama.LandmarkCacheLayer.retrieve` computes wit
   * stingy starts: older picks packed from the window's left, recent ones one block further right; true starts:
     the block's own.
 
+A wide prefill pass selects for several chunks of `chunk_length` queries at once: each query among the blocks
+complete at its own chunk's start, with that chunk's stingy window, as if each chunk ran as a pass of its own.
+
 Layout. Two kernels, so that a decoding step (one query a head) still spreads over the GPU:
   * scores: one program per tile of queries of one head and tile of blocks. The queries of a tile share each
     landmark key they load (a prefill chunk's 16), and each block is read from the one store that scores it; the
@@ -37,24 +40,32 @@ __all__ = ["select_blocks"]
 
 MAX_ROW_TILE = 4096  # a row of at most this many blocks is held in registers while its top k is found
 # sizes that change with the prompt and the pass, never specialised on (a new prompt length compiles nothing new)
-SCORE_SIZES = ["q_heads", "n", "num_blocks", "top_k"]
+SCORE_SIZES = ["q_heads", "n", "chunk_length", "num_blocks", "top_k"]
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Layer 1: the Triton kernels
 # ---------------------------------------------------------------------------------------------------------
+@triton.jit
+def _complete_blocks(row_start, i_b, query_index, chunk_length, BLOCK_SIZE: tl.constexpr):
+    """Complete blocks a query selects among: those before the start of its chunk (the pass's queries run in chunks
+    of `chunk_length`, each one selecting as if the chunks before it had run as passes of their own)."""
+    return (tl.load(row_start + i_b) + query_index // chunk_length * chunk_length) // BLOCK_SIZE
+
+
 @triton.jit(do_not_specialize=SCORE_SIZES)
 def _landmark_scores_kernel(
-    q, landmarks, in_block, blocks, inv_freq, scratch,
+    q, landmarks, in_block, row_start, inv_freq, scratch,
     stride_qb, stride_qh, stride_qn,
     stride_lb, stride_lc, stride_lh,
     stride_ib, stride_ic, stride_ih,
-    q_heads, n, num_blocks, top_k, scale, row_stride,
+    q_heads, n, chunk_length, num_blocks, top_k, scale, row_stride,
     KV_GROUP: tl.constexpr, STINGY: tl.constexpr, BLOCK_SIZE: tl.constexpr, HALF: tl.constexpr,
     BLOCK_M: tl.constexpr, TILE: tl.constexpr, DK: tl.constexpr,
 ):
     """Scores of BLOCK_M queries of one head against TILE blocks -> scratch rows of `row_stride` (num_blocks rounded up
-    to a multiple of 16, so that the rows stay aligned for vector stores and loads whatever the block count)."""
+    to a multiple of 16, so that the rows stay aligned for vector stores and loads whatever the block count). Only a
+    query's complete blocks are written: the top k reads no further."""
     i_t = tl.program_id(1)
     i_b = tl.program_id(2) // q_heads
     i_h = tl.program_id(2) % q_heads
@@ -63,79 +74,95 @@ def _landmark_scores_kernel(
     row_in = rows < n
     first = i_t * TILE
     c = first + tl.arange(0, TILE)
-    complete = tl.load(blocks + i_b)
-    recent_from = complete - tl.minimum(complete, top_k)  # blocks before it are older than the row's k most recent
-    window_start = (recent_from - 1) * BLOCK_SIZE
-    exists = c < complete
-    has_true = first < complete  # the tile holds blocks scored at true positions
-    if STINGY:
-        recent = exists & (c >= recent_from)
-        has_true = has_true & (first + TILE > recent_from)
-    else:
-        recent = exists
-    p_q = q + i_b.to(tl.int64) * stride_qb + i_h * stride_qh + rows[:, None].to(tl.int64) * stride_qn
-    p_l = landmarks + i_b.to(tl.int64) * stride_lb + i_kv * stride_lh + c[:, None].to(tl.int64) * stride_lc
-    p_i = in_block + i_b.to(tl.int64) * stride_ib + i_kv * stride_ih + c[:, None].to(tl.int64) * stride_ic
-
-    # each block is scored by one landmark key, the other's loads are masked to zero: the two products add up
-    score = tl.zeros([BLOCK_M, TILE], dtype=tl.float32)
-    for d0 in range(0, HALF, DK):  # the dimensions in slices, as [BLOCK_M, TILE, DK] products
-        d = d0 + tl.arange(0, DK)
-        in_half = d < HALF
-        q_mask = row_in[:, None] & in_half[None, :]
-        q1 = tl.load(p_q + d[None, :], mask=q_mask, other=0.0).to(tl.float32)
-        q2 = tl.load(p_q + HALF + d[None, :], mask=q_mask, other=0.0).to(tl.float32)
-        if has_true:
-            mask = recent[:, None] & in_half[None, :]
-            l1 = tl.load(p_l + d[None, :], mask=mask, other=0.0).to(tl.float32)
-            l2 = tl.load(p_l + HALF + d[None, :], mask=mask, other=0.0).to(tl.float32)
-            score += tl.sum(q1[:, None, :] * l1[None, :, :], 2) + tl.sum(q2[:, None, :] * l2[None, :, :], 2)
+    complete = tl.where(row_in, _complete_blocks(row_start, i_b, rows, chunk_length, BLOCK_SIZE), 0)
+    most = tl.max(complete, 0)
+    if first < most:  # some query of the tile has blocks here
+        recent_from = complete - tl.minimum(complete, top_k)  # blocks before it are older than the k most recent
+        exists = c[None, :] < complete[:, None]
         if STINGY:
-            if first < recent_from:  # the tile holds older blocks, scored in the window
-                r1, r2 = _rotate_back(q1, q2, tl.load(inv_freq + d, mask=in_half, other=0.0)[None, :], window_start)
-                mask = (c < recent_from)[:, None] & in_half[None, :]
-                i1 = tl.load(p_i + d[None, :], mask=mask, other=0.0).to(tl.float32)
-                i2 = tl.load(p_i + HALF + d[None, :], mask=mask, other=0.0).to(tl.float32)
-                score += tl.sum(r1[:, None, :] * i1[None, :, :], 2) + tl.sum(r2[:, None, :] * i2[None, :, :], 2)
-    score = tl.where(exists[None, :], score * scale, -float("inf"))
-    p_scratch = scratch + (tl.program_id(2).to(tl.int64) * n + rows[:, None]) * row_stride + c[None, :]
-    tl.store(p_scratch, score, mask=row_in[:, None] & (c < num_blocks)[None, :])
+            recent = exists & (c[None, :] >= recent_from[:, None])
+            older = c[None, :] < recent_from[:, None]
+            window_start = ((recent_from - 1) * BLOCK_SIZE)[:, None]
+            any_older = first < tl.max(recent_from, 0)
+            least_recent = tl.min(tl.where(row_in, recent_from, most), 0)
+        else:  # every complete block is scored at its true position
+            recent = exists
+            least_recent = 0
+        any_recent = first + TILE > least_recent  # some query of the tile scores a block of it at its true position
+        recent_any = (c < most) & (c >= least_recent)
+        p_q = q + i_b.to(tl.int64) * stride_qb + i_h * stride_qh + rows[:, None].to(tl.int64) * stride_qn
+        p_l = landmarks + i_b.to(tl.int64) * stride_lb + i_kv * stride_lh + c[:, None].to(tl.int64) * stride_lc
+        p_i = in_block + i_b.to(tl.int64) * stride_ib + i_kv * stride_ih + c[:, None].to(tl.int64) * stride_ic
+
+        # a block is scored by one landmark key per query: true-position and window products apart, then picked
+        true_score = tl.zeros([BLOCK_M, TILE], dtype=tl.float32)
+        window_score = tl.zeros([BLOCK_M, TILE], dtype=tl.float32)
+        for d0 in range(0, HALF, DK):  # the dimensions in slices, as [BLOCK_M, TILE, DK] products
+            d = d0 + tl.arange(0, DK)
+            in_half = d < HALF
+            q_mask = row_in[:, None] & in_half[None, :]
+            q1 = tl.load(p_q + d[None, :], mask=q_mask, other=0.0).to(tl.float32)
+            q2 = tl.load(p_q + HALF + d[None, :], mask=q_mask, other=0.0).to(tl.float32)
+            if any_recent:
+                mask = recent_any[:, None] & in_half[None, :]
+                l1 = tl.load(p_l + d[None, :], mask=mask, other=0.0).to(tl.float32)
+                l2 = tl.load(p_l + HALF + d[None, :], mask=mask, other=0.0).to(tl.float32)
+                true_score += (tl.sum(q1[:, None, :] * l1[None, :, :], 2)
+                               + tl.sum(q2[:, None, :] * l2[None, :, :], 2))
+            if STINGY:
+                if any_older:  # the tile holds older blocks, scored in each query's window
+                    freq = tl.load(inv_freq + d, mask=in_half, other=0.0)[None, :]
+                    r1, r2 = _rotate_back(q1, q2, freq, window_start)
+                    mask = (c < tl.max(recent_from, 0))[:, None] & in_half[None, :]
+                    i1 = tl.load(p_i + d[None, :], mask=mask, other=0.0).to(tl.float32)
+                    i2 = tl.load(p_i + HALF + d[None, :], mask=mask, other=0.0).to(tl.float32)
+                    window_score += (tl.sum(r1[:, None, :] * i1[None, :, :], 2)
+                                     + tl.sum(r2[:, None, :] * i2[None, :, :], 2))
+        if STINGY:
+            score = tl.where(recent, true_score, tl.where(older, window_score, -float("inf")))
+        else:
+            score = tl.where(recent, true_score, -float("inf"))
+        score = score * scale
+        p_scratch = scratch + (tl.program_id(2).to(tl.int64) * n + rows[:, None]) * row_stride + c[None, :]
+        tl.store(p_scratch, score, mask=row_in[:, None] & (c < num_blocks)[None, :])
 
 
 @triton.jit
-def _scores_tile(p_scratch, c, num_blocks, held, ONE_TILE: tl.constexpr):
-    """The scores of blocks `c` of a scratch row: `held` where the whole row is one tile, held in registers."""
+def _scores_tile(p_scratch, c, limit, held, ONE_TILE: tl.constexpr):
+    """The scores of blocks `c` of a scratch row (its first `limit`): `held` where the whole row is one tile, held in
+    registers."""
     if ONE_TILE:
         score = held
     else:
-        score = tl.load(p_scratch + c, mask=c < num_blocks, other=-float("inf"))
+        score = tl.load(p_scratch + c, mask=c < limit, other=-float("inf"))
     return score
 
 
-@triton.jit(do_not_specialize=["rows_per_batch", "num_blocks", "k", "top_k"])
+@triton.jit(do_not_specialize=["rows_per_batch", "n", "chunk_length", "num_blocks", "k", "top_k"])
 def _top_blocks_kernel(
-    scratch, blocks, selected, valid, starts,
-    rows_per_batch, num_blocks, k, top_k, tie_tolerance, row_stride,
+    scratch, row_start, selected, valid, starts,
+    rows_per_batch, n, chunk_length, num_blocks, k, top_k, tie_tolerance, row_stride,
     STINGY: tl.constexpr, BLOCK_SIZE: tl.constexpr, K_PAD: tl.constexpr, TILE: tl.constexpr,
     ONE_TILE: tl.constexpr,
 ):
     """The top k of one scratch row with the tie rule, and the starts."""
     row = tl.program_id(0).to(tl.int64)
-    complete = tl.load(blocks + row // rows_per_batch)
+    complete = _complete_blocks(row_start, row // rows_per_batch, row % n, chunk_length, BLOCK_SIZE)
+    limit = tl.minimum(complete, num_blocks)  # the row's scores: its complete blocks
     recent_from = complete - tl.minimum(complete, top_k)
     window_start = (recent_from - 1) * BLOCK_SIZE
     p_scratch = scratch + row * row_stride
     tile = tl.arange(0, TILE)
     if ONE_TILE:
-        held = tl.load(p_scratch + tile, mask=tile < num_blocks, other=-float("inf"))
+        held = tl.load(p_scratch + tile, mask=tile < limit, other=-float("inf"))
     else:
         held = tl.full([TILE], -float("inf"), tl.float32)
 
     # 1. the largest magnitude (of the existing blocks' scores) and the k-th highest score, duplicates counted (as
     # topk's values): the highest values one at a time, with their counts
     largest = 0.0
-    for start in range(0, num_blocks, TILE):
-        score = _scores_tile(p_scratch, start + tile, num_blocks, held, ONE_TILE)
+    for start in range(0, limit, TILE):
+        score = _scores_tile(p_scratch, start + tile, limit, held, ONE_TILE)
         largest = tl.maximum(largest, tl.max(tl.where(score == -float("inf"), 0.0, tl.abs(score)), 0))
     cutoff = -float("inf")
     below = float("inf")
@@ -143,12 +170,12 @@ def _top_blocks_kernel(
     for _ in range(0, k):
         value = -float("inf")
         count = 0
-        for start in range(0, num_blocks, TILE):
+        for start in range(0, limit, TILE):
             c = start + tile
-            score = _scores_tile(p_scratch, c, num_blocks, held, ONE_TILE)
+            score = _scores_tile(p_scratch, c, limit, held, ONE_TILE)
             score = tl.where(score < below, score, -float("inf"))
             tile_max = tl.max(score, 0)
-            tile_count = tl.sum(((score == tile_max) & (c < num_blocks)).to(tl.int32), 0)
+            tile_count = tl.sum(((score == tile_max) & (c < limit)).to(tl.int32), 0)
             count = tl.where(tile_max > value, tile_count, tl.where(tile_max == value, count + tile_count, count))
             value = tl.maximum(value, tile_max)
         cutoff = tl.where(remaining > 0, value, cutoff)
@@ -158,8 +185,8 @@ def _top_blocks_kernel(
 
     # 2. how many are above the tie band
     above_count = 0
-    for start in range(0, num_blocks, TILE):
-        score = _scores_tile(p_scratch, start + tile, num_blocks, held, ONE_TILE)
+    for start in range(0, limit, TILE):
+        score = _scores_tile(p_scratch, start + tile, limit, held, ONE_TILE)
         above_count += tl.sum((score > cutoff + margin).to(tl.int32), 0)
 
     # 3. blocks above, and the earliest ties in the places left, in block order
@@ -169,9 +196,9 @@ def _top_blocks_kernel(
     tl.debug_barrier()
     ties_seen = 0
     chosen_count = 0
-    for start in range(0, num_blocks, TILE):
+    for start in range(0, limit, TILE):
         c = start + tile
-        score = _scores_tile(p_scratch, c, num_blocks, held, ONE_TILE)
+        score = _scores_tile(p_scratch, c, limit, held, ONE_TILE)
         above = score > cutoff + margin
         tied = tl.abs(score - cutoff) <= margin  # false where both are -inf (NaN)
         chosen = above | (tied & (ties_seen + tl.cumsum(tied.to(tl.int32), 0) <= k - above_count))
@@ -204,15 +231,18 @@ def _score_tiles(n, half):
     return block_m, 32 if block_m == 16 else 64, 8
 
 
-def select_blocks(query, landmarks, in_block_landmarks, blocks, num_blocks, block_size, top_k, stingy, inv_freq,
-                  scale, tie_tolerance):
+def select_blocks(query, landmarks, in_block_landmarks, row_start, num_blocks, block_size, top_k, stingy, inv_freq,
+                  scale, tie_tolerance, chunk_length=None):
     """Per-token block selection (see the module docstring).
 
     query: [batch, q_heads, n, head_dim], rotated to its true positions (RoPE attention scaling applied).
     landmarks: [batch, capacity, kv_heads, head_dim] landmark keys at their true positions.
     in_block_landmarks: [batch, capacity or more, kv_heads, head_dim] landmark keys rotated by their offset alone
         (any strides but a unit last one; a view of the key store works).
-    blocks: [batch] complete blocks of each row; num_blocks: the static bound scored (at least blocks.max()).
+    row_start: [batch] internal position of each row's first query. The queries run in chunks of `chunk_length`
+        (default: all n in one): the query at offset i selects among the blocks complete at row_start + i //
+        chunk_length * chunk_length, with that chunk's stingy window, as if each chunk were a pass of its own.
+    num_blocks: the static bound scored (at least every query's complete blocks).
     block_size: positions per block; stingy: stingy positions (else true ones).
     top_k: the retrieval's k; k = min(top_k, num_blocks) places are returned.
     Returns (selected [batch, q_heads, n, k] int64 in block order, 0 where unpicked; valid [batch, q_heads, n, k] bool;
@@ -227,6 +257,10 @@ def select_blocks(query, landmarks, in_block_landmarks, blocks, num_blocks, bloc
         )
     if landmarks.stride(-1) != 1 or in_block_landmarks.stride(-1) != 1 or query.stride(-1) != 1:
         raise ValueError("select_blocks: query and landmark keys need a unit last stride.")
+    chunk_length = max(n, 1) if chunk_length is None else chunk_length
+    if chunk_length < 1 or row_start.shape != (batch,):
+        raise ValueError(f"select_blocks: row_start must be [{batch}] and chunk_length positive, got "
+                         f"{tuple(row_start.shape)} and {chunk_length}.")
     k = min(top_k, num_blocks)
     shape = (batch, q_heads, n, k)
     selected = torch.empty(shape, dtype=torch.long, device=query.device)
@@ -236,22 +270,22 @@ def select_blocks(query, landmarks, in_block_landmarks, blocks, num_blocks, bloc
         return selected, valid, starts
     row_stride = -(-num_blocks // 16) * 16
     scratch = torch.empty(batch * q_heads * n, row_stride, dtype=torch.float32, device=query.device)
-    blocks = blocks.long().contiguous()
+    row_start = row_start.long().contiguous()
     block_m, tile, dk = _score_tiles(n, head_dim // 2)
     _landmark_scores_kernel[(triton.cdiv(n, block_m), triton.cdiv(num_blocks, tile), batch * q_heads)](
-        query, landmarks, in_block_landmarks, blocks, inv_freq.float().contiguous(), scratch,
+        query, landmarks, in_block_landmarks, row_start, inv_freq.float().contiguous(), scratch,
         query.stride(0), query.stride(1), query.stride(2),
         landmarks.stride(0), landmarks.stride(1), landmarks.stride(2),
         in_block_landmarks.stride(0), in_block_landmarks.stride(1), in_block_landmarks.stride(2),
-        q_heads, n, num_blocks, top_k, float(scale), row_stride,
+        q_heads, n, chunk_length, num_blocks, top_k, float(scale), row_stride,
         KV_GROUP=q_heads // kv_heads, STINGY=bool(stingy), BLOCK_SIZE=block_size, HALF=head_dim // 2,
         BLOCK_M=block_m, TILE=tile, DK=dk, num_warps=4,
         enable_fp_fusion=True,  # explicit: Triton 3.10 turns the default off
     )
     row_tile = min(triton.next_power_of_2(num_blocks), MAX_ROW_TILE)
     _top_blocks_kernel[(batch * q_heads * n,)](
-        scratch, blocks, selected, valid, starts,
-        q_heads * n, num_blocks, k, top_k, float(tie_tolerance), row_stride,
+        scratch, row_start, selected, valid, starts,
+        q_heads * n, n, chunk_length, num_blocks, k, top_k, float(tie_tolerance), row_stride,
         STINGY=bool(stingy), BLOCK_SIZE=block_size, K_PAD=triton.next_power_of_2(k), TILE=row_tile,
         ONE_TILE=num_blocks <= row_tile, num_warps=4 if row_tile <= 1024 else 8,
         enable_fp_fusion=True,

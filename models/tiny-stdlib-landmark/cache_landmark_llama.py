@@ -181,6 +181,9 @@ class ChunkPositions:
     most_blocks, longest_tail: bounds of the rows' complete-block count and tail: read to the host once per chunk
         (`begin_chunk`), or static ones that hold for every pass of a width (`begin_static_pass`).
     index: [] the number of passes before this one (on the device).
+    chunk_length: the pass runs as chunks of this many positions (None: one), each retrieving as if it were a pass
+        of its own: a wide prefill pass on the kernels, which computes what passes of one chunk compute, with long
+        matrix products and few launches (`LandmarkLlamaModel._forward_chunks`).
     """
 
     start: torch.LongTensor
@@ -188,7 +191,16 @@ class ChunkPositions:
     most_blocks: int
     longest_tail: int
     index: torch.LongTensor
+    chunk_length: int | None = None
     shared: dict = field(default_factory=dict, repr=False)
+
+    def selection_bound(self, width, block_size):
+        """A static bound of the complete blocks any of the pass's `width` queries selects among: the pass's own
+        `most_blocks`, and the blocks its earlier chunks complete."""
+        if self.chunk_length is None or width <= self.chunk_length:
+            return self.most_blocks
+        last_chunk_start = (width - 1) // self.chunk_length * self.chunk_length
+        return self.most_blocks + (self.longest_tail + last_chunk_start) // block_size
 
     def once(self, name, make):
         """`make()`, made by the first layer and reused by the others: indices, masks and RoPE rotations depend on
@@ -399,11 +411,10 @@ class LandmarkCacheLayer(CacheLayerMixin):
         runs as two Triton kernels (`select_blocks_triton`: scores, then the top k), which compute the same.
         """
         block_size, top_k = self.block_size, settings.retrieval_top_k
-        blocks = chunk.once("complete blocks", lambda: chunk.start // block_size)  # of each row
-        num_blocks = chunk.most_blocks if self.is_initialized else 0
+        batch, q_heads, width, head_dim = query.shape
+        num_blocks = chunk.selection_bound(width, block_size) if self.is_initialized else 0
         if num_blocks == 0:
             return None
-        batch, q_heads, width, head_dim = query.shape
         kv_heads = self.keys.shape[2]
         group = q_heads // kv_heads
         k = min(top_k, num_blocks)
@@ -419,9 +430,13 @@ class LandmarkCacheLayer(CacheLayerMixin):
 
         if use_kernel and settings.retrieval_granularity == "token":
             selected, valid, block_start = select_blocks_triton(
-                query, self.landmarks, self.in_block_landmarks(self.landmarks.shape[1]), blocks, num_blocks,
-                block_size, top_k, stingy, inv_freq, scaling, TIE_TOLERANCE)
+                query, self.landmarks, self.in_block_landmarks(self.landmarks.shape[1]), chunk.start, num_blocks,
+                block_size, top_k, stingy, inv_freq, scaling, TIE_TOLERANCE, chunk.chunk_length)
             return self.retrieved(selected, valid, block_start, chunk)
+        if num_blocks != chunk.most_blocks:
+            raise ValueError("a pass of several chunks needs the kernels and per-token retrieval; "
+                             "run one chunk a pass.")
+        blocks = chunk.once("complete blocks", lambda: chunk.start // block_size)  # of each row
         row_k, exists, older, window_start = chunk.once("block masks", block_masks)
 
         # 1. score every complete block by its landmark key
@@ -762,15 +777,15 @@ class LandmarkRetrievalCache(Cache):
         for layer in self.layers:
             layer.reserve(blocks)
 
-    def begin_chunk(self, lengths, width):
+    def begin_chunk(self, lengths, width, chunk_length=None):
         """Announce a pass through the stack adding `lengths` [batch] internal positions to each row, of `width`
-        at most; its exact bounds are read to the host."""
+        at most (in chunks of `chunk_length`, see `ChunkPositions`); its exact bounds are read to the host."""
         start = self.internal_lengths
         summary = torch.stack([
             (start // self.block_size).max(), (start % self.block_size).max(), (start + lengths).max()
         ])
         most_blocks, longest_tail, self.longest = summary.tolist()  # one read to the host per chunk
-        self.chunk = ChunkPositions(start, lengths, most_blocks, longest_tail, self.passes)
+        self.chunk = ChunkPositions(start, lengths, most_blocks, longest_tail, self.passes, chunk_length)
 
     def plan_static_pass(self, width, decoding=False):
         """Host side of a pass with static shapes (`begin_static_pass`), which reads nothing from the device: the
@@ -795,11 +810,12 @@ class LandmarkRetrievalCache(Cache):
         completes = tokens % (self.block_size - 1) == self.block_size - 2
         return real.long() * (1 + completes.long())
 
-    def begin_static_pass(self, lengths, most_blocks):
+    def begin_static_pass(self, lengths, most_blocks, chunk_length=None):
         """Announce a pass adding `lengths` [batch] positions to each row with the static bounds of
         `plan_static_pass` (every block count up to the capacity, any tail), so that every pass of one width has the
         same shapes and no host reads: it can be captured as a CUDA graph."""
-        self.chunk = ChunkPositions(self.internal_lengths, lengths, most_blocks, self.block_size - 1, self.passes)
+        self.chunk = ChunkPositions(self.internal_lengths, lengths, most_blocks, self.block_size - 1, self.passes,
+                                    chunk_length)
 
     def end_chunk(self):
         self.internal_lengths.add_(self.chunk.length)  # in place: a captured step keeps reading the same tensor
