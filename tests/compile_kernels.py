@@ -93,15 +93,22 @@ INFERENCE_KERNELS = {
     "retrieval_attention_tiles": (  # a prefill chunk: tiles of 16 queries on the tensor cores
         retrieval._retrieval_attention_tiles_kernel,
         dict(q="bf16", keys="bf16", values="bf16", local_keys="bf16", local_values="bf16", table="i64", starts="i64",
-             row_start="i64", inv_freq="fp32", out="bf16"),
+             row_start="i64", inv_freq="fp32", out="bf16", distinct="i64"),
         dict(KV_GROUP=4, BLOCK_SIZE=64, BLOCK_PAD=64, HALF=64, HALF_PAD=64, BLOCK_M=retrieval.QUERY_TILE, K_PAD=4,
-             DOT_PRECISION="tf32", UPCAST_DOT=False), 4),
+             AT_ONCE=retrieval.ENTRIES_AT_ONCE, DOT_PRECISION="tf32", UPCAST_DOT=False,
+             STAGES=retrieval.TILES_STAGES), 4),
     "retrieval_merge": (
         retrieval._merge_splits_kernel, dict(partial="fp32", out="bf16"), dict(HALF=64, HALF_PAD=64, SPLITS=8), 1),
     "block_scores": (
         block_selection._landmark_scores_kernel,
         dict(q="bf16", landmarks="bf16", in_block="bf16", row_start="i64", inv_freq="fp32", scratch="fp32"),
-        dict(KV_GROUP=4, STINGY=True, BLOCK_SIZE=64, HALF=64, BLOCK_M=16, TILE=32, DK=8), 4),
+        dict(KV_GROUP=4, STINGY=True, BLOCK_SIZE=64, HALF=64, BLOCK_M=16, TILE=32, DK=8, USE_DOT=False, SPLIT=True,
+             NATIVE_DOT=False, UPCAST_DOT=False), 4),
+    "block_scores_tensor_cores": (  # a prefill pass
+        block_selection._landmark_scores_kernel,
+        dict(q="bf16", landmarks="bf16", in_block="bf16", row_start="i64", inv_freq="fp32", scratch="fp32"),
+        dict(KV_GROUP=4, STINGY=True, BLOCK_SIZE=64, HALF=64, BLOCK_M=64, TILE=64, DK=64, USE_DOT=True, SPLIT=True,
+             NATIVE_DOT=True, UPCAST_DOT=False), 4),
     "block_top_k": (
         block_selection._top_blocks_kernel,
         dict(scratch="fp32", row_start="i64", selected="i64", valid="i1", starts="i64"),

@@ -11,12 +11,14 @@ from landmark_llama.kernels import block_selection
 from landmark_llama.cache_landmark_llama import ChunkPositions, LandmarkCacheLayer, RetrievalSettings
 
 
-def _layer(batch, kv_heads, capacity, block_size, head_dim, generator):
+def _layer(batch, kv_heads, capacity, block_size, head_dim, generator, dtype=torch.float32, like=None):
+    """A layer's stores of random keys, or of `like`'s keys in `dtype`."""
     layer = LandmarkCacheLayer(block_size)
     layer.planned_blocks = capacity
-    layer.lazy_initialization(torch.zeros(batch, kv_heads, 1, head_dim), torch.zeros(batch, kv_heads, 1, head_dim))
-    layer.keys.copy_(torch.randn(layer.keys.shape, generator=generator))
-    layer.landmarks.copy_(torch.randn(layer.landmarks.shape, generator=generator))
+    empty = torch.zeros(batch, kv_heads, 1, head_dim, dtype=dtype)
+    layer.lazy_initialization(empty, empty)
+    layer.keys.copy_(torch.randn(layer.keys.shape, generator=generator) if like is None else like.keys)
+    layer.landmarks.copy_(torch.randn(layer.landmarks.shape, generator=generator) if like is None else like.landmarks)
     return layer
 
 
@@ -57,21 +59,26 @@ def test_fused_selection_equals_the_pytorch_selection(positions, batch, q_heads,
 
 
 @pytest.mark.parametrize("positions", ["stingy", "true"])
-@pytest.mark.parametrize("width, chunk_length, block_size, top_k", [(23, 7, 4, 2), (40, 16, 8, 3)])
-def test_pass_of_several_chunks_selects_as_passes_of_one_chunk(positions, width, chunk_length, block_size, top_k):
+@pytest.mark.parametrize("width, chunk_length, block_size, top_k, dtype", [
+    (23, 7, 4, 2, torch.float32), (40, 16, 8, 3, torch.float32), (70, 20, 8, 3, torch.bfloat16),
+])
+def test_pass_of_several_chunks_selects_as_passes_of_one_chunk(positions, width, chunk_length, block_size, top_k,
+                                                               dtype):
     """A wide prefill pass: each chunk of `chunk_length` queries selects among the blocks complete at its own start,
-    with its own stingy window, as the PyTorch selection does for that chunk run as a pass of its own."""
+    with its own stingy window, as the PyTorch selection does for that chunk run as a pass of its own. A bf16 cache
+    (scored on the tensor cores in 16-bit parts) selects as the fp32 selection of the same values."""
     batch, q_heads, kv_heads, head_dim, capacity = 3, 2, 1, 16, 24
     generator = torch.Generator().manual_seed(width + block_size)
-    layer = _layer(batch, kv_heads, capacity, block_size, head_dim, generator)
+    layer = _layer(batch, kv_heads, capacity, block_size, head_dim, generator, dtype)
     start = torch.tensor([0, 5, 3 * block_size + 1])  # rows with no, one and several blocks before the pass
-    query = torch.randn(batch, q_heads, width, head_dim, generator=generator)
+    query = torch.randn(batch, q_heads, width, head_dim, generator=generator).to(dtype)
     settings = RetrievalSettings(top_k, "token", positions, 10, True, False)
     inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
     lengths = torch.full((batch,), width)
     wide = ChunkPositions(start, lengths, int((start // block_size).max()), int((start % block_size).max()),
                           torch.tensor(0), chunk_length)
     fused = layer.retrieve(query, wide, settings, inv_freq, 0.3, use_kernel=True)
+    layer, query = _layer(batch, kv_heads, capacity, block_size, head_dim, generator, like=layer), query.float()
     k = fused.valid.shape[-1]
     for begin in range(0, width, chunk_length):
         own_start = start + begin

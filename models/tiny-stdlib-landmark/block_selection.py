@@ -22,7 +22,9 @@ Layout. Two kernels, so that a decoding step (one query a head) still spreads ov
     scores go to a scratch row per query and head.
   * top k: one program per scratch row, held in registers where it fits (`MAX_ROW_TILE` blocks): the k-th highest
     by k counting passes, then the blocks above it and the ties in block order.
-Scores are fp32 products summed on the CUDA cores, as exact as the PyTorch selection's.
+Scores are as exact as fp32 products, like the PyTorch selection's: summed on the CUDA cores for a decoding step; on
+the tensor cores for a prefill pass, 16-bit keys against 16-bit queries as they are (exact products) and against fp32
+(rotated) queries in three 16-bit parts, fp32 keys through 3xTF32.
 """
 
 import torch
@@ -34,11 +36,16 @@ except ImportError as error:
     raise ImportError("block_selection needs Triton (pip install triton); the eager path works without it."
                       ) from error
 
+from .landmark_attention import _dot, _interpreting  # tl.dot as the training kernel runs it, interpreter included
 from .retrieval_attention import _rotate_back  # the rotation the attention kernel applies
 
 __all__ = ["select_blocks"]
 
 MAX_ROW_TILE = 4096  # a row of at most this many blocks is held in registers while its top k is found
+# the top k of a row takes a warp per this many blocks, 1 to 8: in a decoding step, whose few rows leave the GPU
+# idle, and in a prefill pass (benchmarks/prefill_kernels.py: 1.58 ms for the selection of a 4,096-query pass over
+# 520 blocks, against 1.97 ms at 256 a warp)
+TOP_K_BLOCKS_PER_WARP = dict(decoding=256, prefill=1024)
 # sizes that change with the prompt and the pass, never specialised on (a new prompt length compiles nothing new)
 SCORE_SIZES = ["q_heads", "n", "chunk_length", "num_blocks", "top_k"]
 
@@ -53,6 +60,34 @@ def _complete_blocks(row_start, i_b, query_index, chunk_length, BLOCK_SIZE: tl.c
     return (tl.load(row_start + i_b) + query_index // chunk_length * chunk_length) // BLOCK_SIZE
 
 
+@triton.jit
+def _fp32_scores(a1, a2, b1, b2, USE_DOT: tl.constexpr, SPLIT: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """fp32 queries [BLOCK_M, DK] (both halves) against landmark keys [TILE, DK] -> [BLOCK_M, TILE] fp32, as exact
+    as fp32 products: on the CUDA cores, or on the tensor cores with 16-bit keys against the queries in three 16-bit
+    parts (SPLIT: each product exact, 24 bits of the query kept) or fp32 keys through 3xTF32."""
+    if USE_DOT:
+        if SPLIT:
+            hi1, hi2 = a1.to(b1.dtype), a2.to(b1.dtype)
+            rest1, rest2 = a1 - hi1.to(tl.float32), a2 - hi2.to(tl.float32)
+            mid1, mid2 = rest1.to(b1.dtype), rest2.to(b1.dtype)
+            lo1, lo2 = (rest1 - mid1.to(tl.float32)).to(b1.dtype), (rest2 - mid2.to(tl.float32)).to(b1.dtype)
+            score = _native_scores(hi1, hi2, b1, b2, UPCAST_DOT)
+            score += _native_scores(mid1, mid2, b1, b2, UPCAST_DOT)
+            score += _native_scores(lo1, lo2, b1, b2, UPCAST_DOT)
+        else:
+            score = (_dot(a1, tl.trans(b1), "tf32x3", False) + _dot(a2, tl.trans(b2), "tf32x3", False))
+    else:
+        b1, b2 = b1.to(tl.float32), b2.to(tl.float32)
+        score = tl.sum(a1[:, None, :] * b1[None, :, :], 2) + tl.sum(a2[:, None, :] * b2[None, :, :], 2)
+    return score
+
+
+@triton.jit
+def _native_scores(a1, a2, b1, b2, UPCAST_DOT: tl.constexpr):
+    """16-bit queries against 16-bit keys on the tensor cores: exact products, fp32 sums."""
+    return _dot(a1, tl.trans(b1), "tf32", UPCAST_DOT) + _dot(a2, tl.trans(b2), "tf32", UPCAST_DOT)
+
+
 @triton.jit(do_not_specialize=SCORE_SIZES)
 def _landmark_scores_kernel(
     q, landmarks, in_block, row_start, inv_freq, scratch,
@@ -61,7 +96,8 @@ def _landmark_scores_kernel(
     stride_ib, stride_ic, stride_ih,
     q_heads, n, chunk_length, num_blocks, top_k, scale, row_stride,
     KV_GROUP: tl.constexpr, STINGY: tl.constexpr, BLOCK_SIZE: tl.constexpr, HALF: tl.constexpr,
-    BLOCK_M: tl.constexpr, TILE: tl.constexpr, DK: tl.constexpr,
+    BLOCK_M: tl.constexpr, TILE: tl.constexpr, DK: tl.constexpr, USE_DOT: tl.constexpr, SPLIT: tl.constexpr,
+    NATIVE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     """Scores of BLOCK_M queries of one head against TILE blocks -> scratch rows of `row_stride` (num_blocks rounded up
     to a multiple of 16, so that the rows stay aligned for vector stores and loads whatever the block count). Only a
@@ -101,23 +137,25 @@ def _landmark_scores_kernel(
             d = d0 + tl.arange(0, DK)
             in_half = d < HALF
             q_mask = row_in[:, None] & in_half[None, :]
-            q1 = tl.load(p_q + d[None, :], mask=q_mask, other=0.0).to(tl.float32)
-            q2 = tl.load(p_q + HALF + d[None, :], mask=q_mask, other=0.0).to(tl.float32)
+            q1 = tl.load(p_q + d[None, :], mask=q_mask, other=0.0)
+            q2 = tl.load(p_q + HALF + d[None, :], mask=q_mask, other=0.0)
             if any_recent:
                 mask = recent_any[:, None] & in_half[None, :]
-                l1 = tl.load(p_l + d[None, :], mask=mask, other=0.0).to(tl.float32)
-                l2 = tl.load(p_l + HALF + d[None, :], mask=mask, other=0.0).to(tl.float32)
-                true_score += (tl.sum(q1[:, None, :] * l1[None, :, :], 2)
-                               + tl.sum(q2[:, None, :] * l2[None, :, :], 2))
+                l1 = tl.load(p_l + d[None, :], mask=mask, other=0.0)
+                l2 = tl.load(p_l + HALF + d[None, :], mask=mask, other=0.0)
+                if NATIVE_DOT:  # queries in the keys' 16-bit dtype: exact products as they are
+                    true_score += _native_scores(q1, q2, l1, l2, UPCAST_DOT)
+                else:
+                    true_score += _fp32_scores(q1.to(tl.float32), q2.to(tl.float32), l1, l2, USE_DOT, SPLIT,
+                                               UPCAST_DOT)
             if STINGY:
                 if any_older:  # the tile holds older blocks, scored in each query's window
                     freq = tl.load(inv_freq + d, mask=in_half, other=0.0)[None, :]
-                    r1, r2 = _rotate_back(q1, q2, freq, window_start)
+                    r1, r2 = _rotate_back(q1.to(tl.float32), q2.to(tl.float32), freq, window_start)
                     mask = (c < tl.max(recent_from, 0))[:, None] & in_half[None, :]
-                    i1 = tl.load(p_i + d[None, :], mask=mask, other=0.0).to(tl.float32)
-                    i2 = tl.load(p_i + HALF + d[None, :], mask=mask, other=0.0).to(tl.float32)
-                    window_score += (tl.sum(r1[:, None, :] * i1[None, :, :], 2)
-                                     + tl.sum(r2[:, None, :] * i2[None, :, :], 2))
+                    i1 = tl.load(p_i + d[None, :], mask=mask, other=0.0)
+                    i2 = tl.load(p_i + HALF + d[None, :], mask=mask, other=0.0)
+                    window_score += _fp32_scores(r1, r2, i1, i2, USE_DOT, SPLIT, UPCAST_DOT)
         if STINGY:
             score = tl.where(recent, true_score, tl.where(older, window_score, -float("inf")))
         else:
@@ -221,14 +259,20 @@ def _top_blocks_kernel(
 # ---------------------------------------------------------------------------------------------------------
 # Layer 2: the launcher and the public function
 # ---------------------------------------------------------------------------------------------------------
+DOT_FROM = 16  # passes of at least this many queries (prefill chunks) score on the tensor cores
+
+
 def _score_tiles(n, half):
-    """(BLOCK_M, TILE, DK) of the scoring kernel: a decoding step (one or two queries a head) loads a tile of blocks
-    whole, all its loads in flight at once; a chunk takes tiles of up to 16 queries that share each landmark key
-    they load, the dimensions in slices of 8."""
+    """(BLOCK_M, TILE, DK, on the tensor cores) of the scoring kernel: a prefill pass scores tiles of 64 queries (16
+    for a short one) against 64 blocks on the tensor cores, the whole half at once; a decoding step (one or two
+    queries a head) loads a tile of blocks whole, all its loads in flight at once; passes in between take tiles of
+    up to 16 queries that share each landmark key they load, the dimensions in slices of 8."""
+    if n >= DOT_FROM:
+        return (64 if n >= 64 else 16), 64, max(16, triton.next_power_of_2(half)), True
     block_m = min(16, triton.next_power_of_2(n))
     if block_m <= 2:
-        return block_m, 32, triton.next_power_of_2(half)
-    return block_m, 32 if block_m == 16 else 64, 8
+        return block_m, 32, triton.next_power_of_2(half), False
+    return block_m, 32 if block_m == 16 else 64, 8, False
 
 
 def select_blocks(query, landmarks, in_block_landmarks, row_start, num_blocks, block_size, top_k, stingy, inv_freq,
@@ -271,7 +315,11 @@ def select_blocks(query, landmarks, in_block_landmarks, row_start, num_blocks, b
     row_stride = -(-num_blocks // 16) * 16
     scratch = torch.empty(batch * q_heads * n, row_stride, dtype=torch.float32, device=query.device)
     row_start = row_start.long().contiguous()
-    block_m, tile, dk = _score_tiles(n, head_dim // 2)
+    block_m, tile, dk, use_dot = _score_tiles(n, head_dim // 2)
+    sixteen_bit = landmarks.dtype in (torch.bfloat16, torch.float16)
+    if in_block_landmarks.dtype != landmarks.dtype:
+        raise ValueError("select_blocks: both landmark keys need one dtype, got "
+                         f"{landmarks.dtype} and {in_block_landmarks.dtype}.")
     _landmark_scores_kernel[(triton.cdiv(n, block_m), triton.cdiv(num_blocks, tile), batch * q_heads)](
         query, landmarks, in_block_landmarks, row_start, inv_freq.float().contiguous(), scratch,
         query.stride(0), query.stride(1), query.stride(2),
@@ -279,7 +327,9 @@ def select_blocks(query, landmarks, in_block_landmarks, row_start, num_blocks, b
         in_block_landmarks.stride(0), in_block_landmarks.stride(1), in_block_landmarks.stride(2),
         q_heads, n, chunk_length, num_blocks, top_k, float(scale), row_stride,
         KV_GROUP=q_heads // kv_heads, STINGY=bool(stingy), BLOCK_SIZE=block_size, HALF=head_dim // 2,
-        BLOCK_M=block_m, TILE=tile, DK=dk, num_warps=4,
+        BLOCK_M=block_m, TILE=tile, DK=dk, USE_DOT=use_dot, SPLIT=sixteen_bit,
+        NATIVE_DOT=use_dot and sixteen_bit and query.dtype == landmarks.dtype,
+        UPCAST_DOT=_interpreting() and landmarks.dtype == torch.bfloat16, num_warps=4,
         enable_fp_fusion=True,  # explicit: Triton 3.10 turns the default off
     )
     row_tile = min(triton.next_power_of_2(num_blocks), MAX_ROW_TILE)
@@ -287,7 +337,8 @@ def select_blocks(query, landmarks, in_block_landmarks, row_start, num_blocks, b
         scratch, row_start, selected, valid, starts,
         q_heads * n, n, chunk_length, num_blocks, k, top_k, float(tie_tolerance), row_stride,
         STINGY=bool(stingy), BLOCK_SIZE=block_size, K_PAD=triton.next_power_of_2(k), TILE=row_tile,
-        ONE_TILE=num_blocks <= row_tile, num_warps=4 if row_tile <= 1024 else 8,
+        ONE_TILE=num_blocks <= row_tile,
+        num_warps=min(8, max(1, row_tile // TOP_K_BLOCKS_PER_WARP["prefill" if use_dot else "decoding"])),
         enable_fp_fusion=True,
     )
     return selected, valid, starts
