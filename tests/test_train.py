@@ -282,6 +282,11 @@ FSDP_ON_CPU = textwrap.dedent(
         with open(sys.argv[1], "w") as report:
             json.dump({"fsdp_enabled": trainer.is_fsdp_enabled, "sharded": sharded,
                        "world_size": trainer.args.world_size, "global_step": trainer.state.global_step}, report)
+    # tear the gloo group down before the interpreter exits: left to exit, its threads once aborted a rank
+    # ("terminate called without an active exception") after training had finished
+    import torch.distributed as dist
+    dist.barrier()
+    dist.destroy_process_group()
     """
 )
 
