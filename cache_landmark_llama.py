@@ -194,10 +194,14 @@ class ChunkPositions:
     chunk_length: int | None = None
     shared: dict = field(default_factory=dict, repr=False)
 
+    def spans_chunks(self, width):
+        """Whether a pass of `width` queries runs as several chunks (which only the kernels compute)."""
+        return self.chunk_length is not None and width > self.chunk_length
+
     def selection_bound(self, width, block_size):
         """A static bound of the complete blocks any of the pass's `width` queries selects among: the pass's own
         `most_blocks`, and the blocks its earlier chunks complete."""
-        if self.chunk_length is None or width <= self.chunk_length:
+        if not self.spans_chunks(width):
             return self.most_blocks
         last_chunk_start = (width - 1) // self.chunk_length * self.chunk_length
         return self.most_blocks + (self.longest_tail + last_chunk_start) // block_size
@@ -433,7 +437,7 @@ class LandmarkCacheLayer(CacheLayerMixin):
                 query, self.landmarks, self.in_block_landmarks(self.landmarks.shape[1]), chunk.start, num_blocks,
                 block_size, top_k, stingy, inv_freq, scaling, TIE_TOLERANCE, chunk.chunk_length)
             return self.retrieved(selected, valid, block_start, chunk)
-        if num_blocks != chunk.most_blocks:
+        if chunk.spans_chunks(width):
             raise ValueError("a pass of several chunks needs the kernels and per-token retrieval; "
                              "run one chunk a pass.")
         blocks = chunk.once("complete blocks", lambda: chunk.start // block_size)  # of each row

@@ -169,7 +169,7 @@ def landmark_retrieval_attention(query, key, value, cache, layer_idx, scaling, u
         output = retrieval_triton_attention(query, keys, values, table, starts, chunk.start, cache.inv_freq, scaling,
                                             *local, chunk_length=chunk.chunk_length)
         return output.transpose(1, 2)
-    if chunk.chunk_length is not None and width > chunk.chunk_length:
+    if chunk.spans_chunks(width):
         raise ValueError(f"a pass of {width} positions in chunks of {chunk.chunk_length} needs the retrieval kernels; "
                          "the eager path runs one chunk a pass.")
 

@@ -37,7 +37,7 @@ except ImportError as error:
                       ) from error
 
 from .landmark_attention import _dot, _interpreting  # tl.dot as the training kernel runs it, interpreter included
-from .retrieval_attention import _rotate_back  # the rotation the attention kernel applies
+from .retrieval_attention import _chunk_first_block, _rotate_back  # as the attention kernel computes them
 
 __all__ = ["select_blocks"]
 
@@ -53,13 +53,6 @@ SCORE_SIZES = ["q_heads", "n", "chunk_length", "num_blocks", "top_k"]
 # ---------------------------------------------------------------------------------------------------------
 # Layer 1: the Triton kernels
 # ---------------------------------------------------------------------------------------------------------
-@triton.jit
-def _complete_blocks(row_start, i_b, query_index, chunk_length, BLOCK_SIZE: tl.constexpr):
-    """Complete blocks a query selects among: those before the start of its chunk (the pass's queries run in chunks
-    of `chunk_length`, each one selecting as if the chunks before it had run as passes of their own)."""
-    return (tl.load(row_start + i_b) + query_index // chunk_length * chunk_length) // BLOCK_SIZE
-
-
 @triton.jit
 def _fp32_scores(a1, a2, b1, b2, USE_DOT: tl.constexpr, SPLIT: tl.constexpr, UPCAST_DOT: tl.constexpr):
     """fp32 queries [BLOCK_M, DK] (both halves) against landmark keys [TILE, DK] -> [BLOCK_M, TILE] fp32, as exact
@@ -110,7 +103,8 @@ def _landmark_scores_kernel(
     row_in = rows < n
     first = i_t * TILE
     c = first + tl.arange(0, TILE)
-    complete = tl.where(row_in, _complete_blocks(row_start, i_b, rows, chunk_length, BLOCK_SIZE), 0)
+    # complete blocks each query selects among: those before the start of its chunk
+    complete = tl.where(row_in, _chunk_first_block(tl.load(row_start + i_b), rows, chunk_length, BLOCK_SIZE), 0)
     most = tl.max(complete, 0)
     if first < most:  # some query of the tile has blocks here
         recent_from = complete - tl.minimum(complete, top_k)  # blocks before it are older than the k most recent
@@ -119,7 +113,8 @@ def _landmark_scores_kernel(
             recent = exists & (c[None, :] >= recent_from[:, None])
             older = c[None, :] < recent_from[:, None]
             window_start = ((recent_from - 1) * BLOCK_SIZE)[:, None]
-            any_older = first < tl.max(recent_from, 0)
+            older_bound = tl.max(recent_from, 0)  # no query of the tile scores an older block from here on
+            any_older = first < older_bound
             least_recent = tl.min(tl.where(row_in, recent_from, most), 0)
         else:  # every complete block is scored at its true position
             recent = exists
@@ -152,7 +147,7 @@ def _landmark_scores_kernel(
                 if any_older:  # the tile holds older blocks, scored in each query's window
                     freq = tl.load(inv_freq + d, mask=in_half, other=0.0)[None, :]
                     r1, r2 = _rotate_back(q1.to(tl.float32), q2.to(tl.float32), freq, window_start)
-                    mask = (c < tl.max(recent_from, 0))[:, None] & in_half[None, :]
+                    mask = (c < older_bound)[:, None] & in_half[None, :]
                     i1 = tl.load(p_i + d[None, :], mask=mask, other=0.0)
                     i2 = tl.load(p_i + HALF + d[None, :], mask=mask, other=0.0)
                     window_score += _fp32_scores(r1, r2, i1, i2, USE_DOT, SPLIT, UPCAST_DOT)
@@ -185,7 +180,7 @@ def _top_blocks_kernel(
 ):
     """The top k of one scratch row with the tie rule, and the starts."""
     row = tl.program_id(0).to(tl.int64)
-    complete = _complete_blocks(row_start, row // rows_per_batch, row % n, chunk_length, BLOCK_SIZE)
+    complete = _chunk_first_block(tl.load(row_start + row // rows_per_batch), row % n, chunk_length, BLOCK_SIZE)
     limit = tl.minimum(complete, num_blocks)  # the row's scores: its complete blocks
     recent_from = complete - tl.minimum(complete, top_k)
     window_start = (recent_from - 1) * BLOCK_SIZE

@@ -79,6 +79,14 @@ def _rotate_back(q1, q2, freq, start):
 
 
 @triton.jit
+def _chunk_first_block(chunk_start, query_index, chunk_length, BLOCK_SIZE: tl.constexpr):
+    """The block holding the first position of a query's chunk (a pass runs its queries in chunks of
+    `chunk_length`, each as if it were a pass of its own): where its [tail | chunk] begins, and how many complete
+    blocks it selects among."""
+    return (chunk_start + query_index // chunk_length * chunk_length) // BLOCK_SIZE
+
+
+@triton.jit
 def _block_share(q1, q2, freq, p_k, p_v, start, visible, sm_scale, slot, tile_mask, OWN: tl.constexpr,
                  BLOCK_SIZE: tl.constexpr, HALF: tl.constexpr):
     """(gate, value mix in two halves) of one block at `start`. A gated block's gate is its landmark's score and its
@@ -148,7 +156,7 @@ def _retrieval_attention_kernel(
     chunk_start = tl.load(row_start + i_b)
     position = chunk_start + i_n
     own_block = position // BLOCK_SIZE
-    local_first = (chunk_start + i_n // chunk_length * chunk_length) // BLOCK_SIZE  # its chunk's tail
+    local_first = _chunk_first_block(chunk_start, i_n, chunk_length, BLOCK_SIZE)
     p_keys = keys + i_b.to(tl.int64) * stride_kb + i_kv * stride_kh + slot[:, None] * stride_ko + d[None, :]
     p_values = values + i_b.to(tl.int64) * stride_vb + i_kv * stride_vh + slot[:, None] * stride_vo + d[None, :]
     # [tail | chunk] from the local store, block c at c % ring (a ring of recent blocks where the store is offloaded)
@@ -243,10 +251,10 @@ def _merge_rows(gate_max, gate_sum, acc1, acc2, gate, mix1, mix2, take):
 
 
 @triton.jit
-def _distinct_entries(table, starts, distinct, p_head, first_row, stride_tn, n, top_k, BLOCK_M: tl.constexpr,
+def _distinct_entries(table, starts, p_distinct, p_head, first_row, stride_tn, n, top_k, BLOCK_M: tl.constexpr,
                       K_PAD: tl.constexpr, AT_ONCE: tl.constexpr):
-    """Lists the distinct valid (block, start) entries of the table rows first_row .. first_row + BLOCK_M - 1 in this
-    program's scratch row of `distinct` (blocks, then starts), in table order; returns how many. Each entry is
+    """Lists the distinct valid (block, start) entries of the table rows first_row .. first_row + BLOCK_M - 1 in the
+    program's scratch row `p_distinct` (blocks, then starts), in table order; returns how many. Each entry is
     compared with all the tile's entries, AT_ONCE of them at a time."""
     ENTRIES: tl.constexpr = BLOCK_M * K_PAD
     e = tl.arange(0, ENTRIES)
@@ -266,9 +274,8 @@ def _distinct_entries(table, starts, distinct, p_head, first_row, stride_tn, n, 
         seen += tl.sum(same.to(tl.int32), 1)
     first = (block >= 0) & (seen == 0)
     rank = tl.cumsum(first.to(tl.int32), 0) - 1
-    p_out = distinct + (tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)).to(tl.int64) * (2 * ENTRIES)
-    tl.store(p_out + rank, block, mask=first)
-    tl.store(p_out + ENTRIES + rank, start, mask=first)
+    tl.store(p_distinct + rank, block, mask=first)
+    tl.store(p_distinct + ENTRIES + rank, start, mask=first)
     tl.debug_barrier()  # the list is read back by every thread of the program
     return tl.sum(first.to(tl.int32), 0)
 
@@ -310,7 +317,7 @@ def _retrieval_attention_tiles_kernel(
     chunk_start = tl.load(row_start + i_b)
     position = chunk_start + rows
     own_block = position // BLOCK_SIZE
-    local_first = (chunk_start + rows // chunk_length * chunk_length) // BLOCK_SIZE  # each query's chunk's tail
+    local_first = _chunk_first_block(chunk_start, rows, chunk_length, BLOCK_SIZE)
     p_keys = keys + batch_row * stride_kb + i_kv * stride_kh + slot[:, None] * stride_ko + d[None, :]
     p_values = values + batch_row * stride_vb + i_kv * stride_vh + slot[:, None] * stride_vo + d[None, :]
     p_local_k = local_keys + batch_row * stride_lkb + i_kv * stride_lkh + slot[:, None] * stride_lko + d[None, :]
@@ -330,10 +337,10 @@ def _retrieval_attention_tiles_kernel(
     table_mask = row_in[:, None] & (j < top_k)[None, :]
     tile_blocks = tl.load(table + p_table, mask=table_mask, other=-1)
     tile_starts = tl.load(starts + p_table, mask=table_mask, other=0)
-    entries = _distinct_entries(table, starts, distinct, batch_row * stride_tb + i_h * stride_th, first_row,
-                                stride_tn, n, top_k, BLOCK_M, K_PAD, AT_ONCE)
     p_distinct = distinct + (tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)).to(tl.int64) * (
         2 * BLOCK_M * K_PAD)
+    entries = _distinct_entries(table, starts, p_distinct, batch_row * stride_tb + i_h * stride_th, first_row,
+                                stride_tn, n, top_k, BLOCK_M, K_PAD, AT_ONCE)
     for e in tl.range(0, entries, num_stages=STAGES):
         block = tl.load(p_distinct + e)
         start = tl.load(p_distinct + BLOCK_M * K_PAD + e)
