@@ -379,7 +379,8 @@ class LandmarkLlamaPreTrainedModel(LlamaPreTrainedModel):
 
 
 PREFILL_PASS_POSITIONS = 4096  # internal positions a prefill pass on the kernels holds at most (whole chunks)
-PREFILL_SCRATCH_BYTES = 1 << 30  # the selection's fp32 scores of such a pass: [batch, heads, positions, blocks]
+PREFILL_SCRATCH_BYTES = 1 << 30  # the fp32 scratch of such a pass: the selection's scores [batch, heads, positions,
+# blocks] and the retrieval's shares [batch, heads, positions, top k, head_dim + 1]
 
 
 class LandmarkLlamaModel(LandmarkLlamaPreTrainedModel, LlamaModel):
@@ -563,8 +564,10 @@ class LandmarkLlamaModel(LandmarkLlamaPreTrainedModel, LlamaModel):
                 or not _use_triton(config, internal_embeds.device, head_dim, 0.0)):
             return chunk_length
         batch, total = internal_embeds.shape[:2]
-        scores_per_chunk = batch * config.num_attention_heads * chunk_length * cache.layers[0].capacity * 4
-        chunks = min(PREFILL_PASS_POSITIONS // chunk_length, PREFILL_SCRATCH_BYTES // scores_per_chunk,
+        # per query and head: a score per block, and a gate and mix per retrieved block (the retrieval's shares)
+        per_query = cache.layers[0].capacity + settings.retrieval_top_k * (head_dim + 1)
+        scratch_per_chunk = batch * config.num_attention_heads * chunk_length * per_query * 4
+        chunks = min(PREFILL_PASS_POSITIONS // chunk_length, PREFILL_SCRATCH_BYTES // scratch_per_chunk,
                      -(-total // chunk_length))
         return chunk_length * max(chunks, 1)
 

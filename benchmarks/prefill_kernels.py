@@ -5,9 +5,9 @@ the settings the kernels ship with).
 
 Llama 2 7B attention (32 query heads of 128, bf16), block 64, top-k 4, stingy positions: a pass of `--width`
 internal positions (chunks of 192) at the end of a `--prompt`-token cache of random keys. The selection runs on the
-kernels (its blocks come from random scores: every query picks its own, the worst case for the tiles, which share a
-block only between the queries that picked it); a second table gives every query of a chunk the same blocks (a
-trained model's queries agree far more than random ones). Each setting's output is checked against the first's.
+kernels (its blocks come from random scores: every query picks its own; the attention reads each retrieved block
+once for all the queries that picked it); a second table gives every query of a chunk the same blocks (a trained
+model's queries agree far more than random ones). Each setting's output is checked against the first's.
 Writes OUT_DIR/prefill_kernels.json.
 """
 
@@ -27,13 +27,13 @@ import kernels.retrieval_attention as retrieval  # noqa: E402
 Q_HEADS, HEAD_DIM, BLOCK_SIZE, TOP_K, CHUNK = 32, 128, 64, 4, 192
 
 
-def distinct_per_tile(table):
-    """Mean number of distinct (block) entries a tile of QUERY_TILE queries of one head reads."""
+def queries_per_block(table, kv_heads):
+    """Mean number of (query, head) entries naming each retrieved (key/value head, block): the reuse a block read
+    once for all its queries gets."""
     batch, heads, n, k = table.shape
-    whole = n // retrieval.QUERY_TILE * retrieval.QUERY_TILE
-    tiles = table[:, :, :whole].reshape(batch * heads, -1, retrieval.QUERY_TILE * k)
-    sorted_entries = tiles.sort(-1).values
-    return float(((sorted_entries[..., 1:] != sorted_entries[..., :-1]).sum(-1) + 1).float().mean())
+    owner = torch.arange(heads, device=table.device)[None, :, None, None] // (heads // kv_heads)
+    named = (owner * table.max().clamp(min=0) + owner + table)[table >= 0]
+    return float(named.numel() / max(named.unique().numel(), 1))
 
 
 def main():
@@ -78,11 +78,11 @@ def main():
     tables = {"random picks": (random_table, starts), "a chunk's queries agree": agreeing}
 
     for name, (table, table_starts) in tables.items():
-        print(f"{name}: {distinct_per_tile(table):.1f} distinct blocks a tile of {retrieval.QUERY_TILE}", flush=True)
+        print(f"{name}: {queries_per_block(table, args.kv_heads):.1f} queries a retrieved block", flush=True)
         expected = None
         for warps in (4, 8):
-            for stages in (1, 2, 3):
-                retrieval.TILES_WARPS, retrieval.TILES_STAGES = warps, stages
+            for pairs in (16, 32, 64):
+                retrieval.TILES_WARPS, retrieval.SHARE_PAIRS = warps, dict(dense=pairs, sparse=pairs)
 
                 def attend():
                     return retrieval.retrieval_attention(query, keys, values, table, table_starts, row_start,
@@ -91,11 +91,11 @@ def main():
                 try:
                     out = attend()
                 except Exception as error:  # a setting that does not compile (registers, shared memory)
-                    print(f"  warps {warps} stages {stages}: {type(error).__name__}")
+                    print(f"  warps {warps} pairs {pairs}: {type(error).__name__}")
                     continue
                 expected = out if expected is None else expected
                 ms = do_bench(attend, warmup=5, rep=30, return_mode="median")
-                results.append(dict(kernel="retrieval_tiles", table=name, warps=warps, stages=stages, ms=ms,
+                results.append(dict(kernel="retrieval_tiles", table=name, warps=warps, share_pairs=pairs, ms=ms,
                                     max_diff=float((out - expected).abs().max())))
                 print(json.dumps(results[-1]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)

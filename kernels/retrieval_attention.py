@@ -63,8 +63,11 @@ QUERY_TILE = 16
 # next block loaded into registers ahead)
 TILES_WARPS = 4
 TILES_STAGES = 2
-ENTRIES_AT_ONCE = 64  # table entries of a tile compared with all of its entries at once, when finding its distinct
-# ones (a [tile's entries, ENTRIES_AT_ONCE] comparison)
+# queries of one stored block scored at once when retrieved blocks are read block by block: 64 where the blocks
+# average at least SHARE_DENSE_FROM queries (benchmarks/prefill_kernels.py, a 4,096-query pass of the 7B shape at 32k,
+# 32 queries a block: 1.47 ms at 64, 2.45 ms at 16, 3.96 ms at 32), 16 for sparse ones (a pass of one chunk)
+SHARE_PAIRS = dict(dense=64, sparse=16)
+SHARE_DENSE_FROM = 16
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -250,39 +253,64 @@ def _merge_rows(gate_max, gate_sum, acc1, acc2, gate, mix1, mix2, take):
             acc2 * rescale[:, None] + share[:, None] * mix2)
 
 
-@triton.jit
-def _distinct_entries(table, starts, p_distinct, p_head, first_row, stride_tn, n, top_k, BLOCK_M: tl.constexpr,
-                      K_PAD: tl.constexpr, AT_ONCE: tl.constexpr):
-    """Lists the distinct valid (block, start) entries of the table rows first_row .. first_row + BLOCK_M - 1 in the
-    program's scratch row `p_distinct` (blocks, then starts), in table order; returns how many. Each entry is
-    compared with all the tile's entries, AT_ONCE of them at a time."""
-    ENTRIES: tl.constexpr = BLOCK_M * K_PAD
-    e = tl.arange(0, ENTRIES)
-    p_entry = p_head + (first_row + e // K_PAD).to(tl.int64) * stride_tn + e % K_PAD
-    valid = (first_row + e // K_PAD < n) & (e % K_PAD < top_k)
-    block = tl.load(table + p_entry, mask=valid, other=-1)
-    start = tl.load(starts + p_entry, mask=valid, other=0)
-    seen = tl.zeros([ENTRIES], dtype=tl.int32)  # earlier entries equal to each
-    for other_first in range(0, ENTRIES, AT_ONCE):
-        o = other_first + tl.arange(0, AT_ONCE)
-        p_other = p_head + (first_row + o // K_PAD).to(tl.int64) * stride_tn + o % K_PAD
-        other_valid = (first_row + o // K_PAD < n) & (o % K_PAD < top_k)
-        other_block = tl.load(table + p_other, mask=other_valid, other=-2)
-        other_start = tl.load(starts + p_other, mask=other_valid, other=0)
-        same = ((block[:, None] == other_block[None, :]) & (start[:, None] == other_start[None, :])
-                & (o[None, :] < e[:, None]))
-        seen += tl.sum(same.to(tl.int32), 1)
-    first = (block >= 0) & (seen == 0)
-    rank = tl.cumsum(first.to(tl.int32), 0) - 1
-    tl.store(p_distinct + rank, block, mask=first)
-    tl.store(p_distinct + ENTRIES + rank, start, mask=first)
-    tl.debug_barrier()  # the list is read back by every thread of the program
-    return tl.sum(first.to(tl.int32), 0)
+@triton.jit(do_not_specialize=["q_heads", "n", "top_k", "capacity", "kv_heads"])
+def _retrieved_shares_kernel(
+    q, keys, values, order, sorted_segment, firsts, starts, inv_freq, gates, mixes,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kc, stride_kh, stride_ko,
+    stride_vb, stride_vc, stride_vh, stride_vo,
+    q_heads, n, top_k, capacity, kv_heads, sm_scale,
+    BLOCK_SIZE: tl.constexpr, BLOCK_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
+    PAIRS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """The shares (gate, value mix) of one stored block for every query that retrieved it. `sorted_segment`: the
+    table's entries' (batch row, key/value head, block) = (b * kv_heads + kv) * capacity + block, sorted, with
+    `order` their flat indices into the table; this program's block is the one whose entries start at
+    `firsts[program]` and end before `firsts[program + 1]`. The block is read once, and its queries scored PAIRS at a
+    time on the tensor cores, each rotated into the block's frame by the start it assigned the block. Writes
+    `gates` and `mixes` at the entries' indices."""
+    first = tl.load(firsts + tl.program_id(0))
+    last = tl.load(firsts + tl.program_id(0) + 1)
+    if first < last:  # (programs past the last block find first == last)
+        segment = tl.load(sorted_segment + first)
+        block = segment % capacity
+        i_kv = segment // capacity % kv_heads
+        i_b = (segment // capacity // kv_heads).to(tl.int64)
+        d = tl.arange(0, HALF_PAD)
+        in_half = d < HALF
+        slot = tl.arange(0, BLOCK_PAD)
+        tile_mask = (slot < BLOCK_SIZE)[:, None] & in_half[None, :]
+        p_k = (keys + i_b * stride_kb + block.to(tl.int64) * stride_kc + i_kv * stride_kh + slot[:, None] * stride_ko
+               + d[None, :])
+        p_v = (values + i_b * stride_vb + block.to(tl.int64) * stride_vc + i_kv * stride_vh
+               + slot[:, None] * stride_vo + d[None, :])
+        k1, k2, v1, v2 = _load_block(p_k, p_v, tile_mask, HALF)
+        freq = tl.load(inv_freq + d, mask=in_half, other=0.0)[None, :]
+        gated = tl.full([PAIRS], 1, tl.int1)
+        unused = tl.zeros([PAIRS], dtype=tl.int32)  # a gated block's keys are all visible
+        for listed in tl.range(first, last, PAIRS):
+            entry = listed + tl.arange(0, PAIRS)
+            in_segment = entry < last
+            pair = tl.load(order + entry, mask=in_segment, other=0)
+            start = tl.load(starts + pair, mask=in_segment, other=0)
+            row = pair // top_k % n
+            i_h = pair // top_k // n % q_heads
+            p_q = q + i_b * stride_qb + i_h[:, None] * stride_qh + row[:, None] * stride_qn + d[None, :]
+            q_mask = in_segment[:, None] & in_half[None, :]
+            q1 = tl.load(p_q, mask=q_mask, other=0.0).to(tl.float32)
+            q2 = tl.load(p_q + HALF, mask=q_mask, other=0.0).to(tl.float32)
+            r1, r2 = _rotate_back(q1, q2, freq, start[:, None])
+            gate, mix1, mix2 = _tile_share(r1, r2, k1, k2, v1, v2, sm_scale, slot, gated, unused, BLOCK_SIZE,
+                                           DOT_PRECISION, UPCAST_DOT)
+            tl.store(gates + pair, gate, mask=in_segment)
+            p_mix = mixes + pair[:, None] * (2 * HALF) + d[None, :]
+            tl.store(p_mix, mix1, mask=q_mask)
+            tl.store(p_mix + HALF, mix2, mask=q_mask)
 
 
 @triton.jit(do_not_specialize=SIZE_ARGS + ["n"])
 def _retrieval_attention_tiles_kernel(
-    q, keys, values, local_keys, local_values, table, starts, row_start, inv_freq, out, distinct,
+    q, keys, values, local_keys, local_values, table, starts, row_start, inv_freq, out, gates, mixes,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kc, stride_kh, stride_ko,
     stride_vb, stride_vc, stride_vh, stride_vo,
@@ -292,11 +320,13 @@ def _retrieval_attention_tiles_kernel(
     stride_ob, stride_oh, stride_on,
     q_heads, n, top_k, ring, chunk_length, sm_scale,
     KV_GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_PAD: tl.constexpr, HALF: tl.constexpr,
-    HALF_PAD: tl.constexpr, BLOCK_M: tl.constexpr, K_PAD: tl.constexpr, AT_ONCE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, STAGES: tl.constexpr,
+    HALF_PAD: tl.constexpr, BLOCK_M: tl.constexpr, SHARES: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, STAGES: tl.constexpr,
 ):
-    """A tile of BLOCK_M consecutive queries of one head: each block any of them attends to is read once and scored
-    for the whole tile. `distinct`: [programs, 2, BLOCK_M * K_PAD] scratch for the tile's distinct table entries."""
+    """A tile of BLOCK_M consecutive queries of one head, on the tensor cores: each [tail | chunk] block any of them
+    attends to is read once for the whole tile. Retrieved blocks: with SHARES, each query's own from their shares
+    `gates` and `mixes` (laid out as the table, `mixes` with the head dimension last); else the table's one row, each
+    block read once for the tile."""
     i_b = tl.program_id(1) // q_heads
     i_h = tl.program_id(1) % q_heads
     i_kv = i_h // KV_GROUP
@@ -329,28 +359,29 @@ def _retrieval_attention_tiles_kernel(
     acc2 = tl.zeros([BLOCK_M, HALF_PAD], dtype=tl.float32)
     gated = tl.full([BLOCK_M], 1, tl.int1)
     visible = position % BLOCK_SIZE + 1  # regular keys of its own block up to the query
-    # 1. the retrieved blocks: each distinct (block, assigned start) of the tile's table once, for the rows that
-    # picked it (a row that lists it twice takes it twice). The distinct entries are found at once and listed in
-    # the scratch, so that the loop over them has no branch and no search
-    j = tl.arange(0, K_PAD)
-    p_table = batch_row * stride_tb + i_h * stride_th + rows[:, None].to(tl.int64) * stride_tn + j[None, :]
-    table_mask = row_in[:, None] & (j < top_k)[None, :]
-    tile_blocks = tl.load(table + p_table, mask=table_mask, other=-1)
-    tile_starts = tl.load(starts + p_table, mask=table_mask, other=0)
-    p_distinct = distinct + (tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)).to(tl.int64) * (
-        2 * BLOCK_M * K_PAD)
-    entries = _distinct_entries(table, starts, p_distinct, batch_row * stride_tb + i_h * stride_th, first_row,
-                                stride_tn, n, top_k, BLOCK_M, K_PAD, AT_ONCE)
-    for e in tl.range(0, entries, num_stages=STAGES):
-        block = tl.load(p_distinct + e)
-        start = tl.load(p_distinct + BLOCK_M * K_PAD + e)
-        k1, k2, v1, v2 = _load_block(p_keys + block * stride_kc, p_values + block * stride_vc, tile_mask, HALF)
-        count = tl.sum(((tile_blocks == block) & (tile_starts == start)).to(tl.float32), 1)
-        r1, r2 = _rotate_back(q1, q2, freq, start)
-        gate, mix1, mix2 = _tile_share(r1, r2, k1, k2, v1, v2, sm_scale, slot, gated, visible, BLOCK_SIZE,
-                                       DOT_PRECISION, UPCAST_DOT)
-        gate = gate + tl.log(tl.maximum(count, 1.0))
-        gate_max, gate_sum, acc1, acc2 = _merge_rows(gate_max, gate_sum, acc1, acc2, gate, mix1, mix2, count > 0)
+    # 1. the retrieved blocks
+    p_head = batch_row * stride_tb + i_h * stride_th
+    p_table = p_head + rows.to(tl.int64) * stride_tn
+    if SHARES:  # each query's own: their shares, computed block by block (`_retrieved_shares_kernel`)
+        for j in range(0, top_k):
+            taken = tl.load(table + p_table + j, mask=row_in, other=-1) >= 0
+            gate = tl.load(gates + p_table + j, mask=taken, other=-float("inf"))
+            p_mix = mixes + (p_table + j)[:, None] * (2 * HALF) + d[None, :]
+            mix_mask = taken[:, None] & in_half[None, :]
+            mix1 = tl.load(p_mix, mask=mix_mask, other=0.0)
+            mix2 = tl.load(p_mix + HALF, mask=mix_mask, other=0.0)
+            gate_max, gate_sum, acc1, acc2 = _merge_rows(gate_max, gate_sum, acc1, acc2, gate, mix1, mix2, taken)
+    else:  # one table row for every query of the pass (a selection per chunk)
+        for j in tl.range(0, top_k, num_stages=STAGES):
+            block = tl.load(table + p_head + j)
+            if block >= 0:
+                k1, k2, v1, v2 = _load_block(p_keys + block * stride_kc, p_values + block * stride_vc, tile_mask,
+                                             HALF)
+                r1, r2 = _rotate_back(q1, q2, freq, tl.load(starts + p_head + j))
+                gate, mix1, mix2 = _tile_share(r1, r2, k1, k2, v1, v2, sm_scale, slot, gated, visible, BLOCK_SIZE,
+                                               DOT_PRECISION, UPCAST_DOT)
+                gate_max, gate_sum, acc1, acc2 = _merge_rows(gate_max, gate_sum, acc1, acc2, gate, mix1, mix2,
+                                                             row_in)
     # 2. [tail | chunk] of each query's chunk up to the tile's last own block, at true positions: gated for the
     # rows past it, their own block for the rows in it (regular keys up to the query)
     tile_rows = tl.minimum(n - first_row, BLOCK_M)
@@ -444,6 +475,38 @@ def _splits(n, rows, top_k, block_size):
     return triton.next_power_of_2(top_k + most_local)
 
 
+def _retrieved_shares(query, keys, values, table, starts, inv_freq, sm_scale, strides, settings):
+    """(gates, mixes) of every entry of a per-query table [batch, q_heads, n, k]: the table's entries sorted by the
+    stored block they name, so that one program reads each block once for all the queries that retrieved it
+    (random picks leave a tile of consecutive queries almost nothing to share; a block, all the queries it serves).
+    Only device work: no host read, so that a captured prefill pass replays it."""
+    batch, q_heads, n, k = table.shape
+    capacity, kv_heads = keys.shape[1], keys.shape[2]
+    segments = batch * kv_heads * capacity  # one per (row, key/value head, block); empty entries sort past them
+    device = query.device
+    owner = (torch.arange(batch, device=device)[:, None] * kv_heads
+             + torch.arange(q_heads, device=device)[None, :] // (q_heads // kv_heads)) * capacity
+    sorted_segment, order = torch.sort(torch.where(table >= 0, owner[:, :, None, None] + table, segments).flatten())
+    # where each retrieved block's entries start, in block order, then the count of entries; a program per block at
+    # most (the grid is static: no host read)
+    programs = min(sorted_segment.numel(), segments)
+    named = sorted_segment < segments
+    opens = named.clone()  # the first entry of its block
+    opens[1:] &= sorted_segment[1:] != sorted_segment[:-1]
+    firsts = named.sum().expand(programs + 2).clone()  # (the last place takes the other entries' writes)
+    firsts.scatter_(0, torch.where(opens, opens.cumsum(0) - 1, programs + 1),
+                    torch.arange(sorted_segment.numel(), device=device))
+    gates = torch.empty(table.shape, dtype=torch.float32, device=device)
+    mixes = torch.empty(*table.shape, query.shape[-1], dtype=torch.float32, device=device)
+    _retrieved_shares_kernel[(programs,)](
+        query, keys, values, order, sorted_segment, firsts, starts, inv_freq, gates, mixes, *strides,
+        q_heads, n, k, capacity, kv_heads, float(sm_scale), **settings,
+        PAIRS=SHARE_PAIRS["dense" if sorted_segment.numel() >= SHARE_DENSE_FROM * programs else "sparse"],
+        num_warps=TILES_WARPS, enable_fp_fusion=True,
+    )
+    return gates, mixes
+
+
 def _unit_inner_stride(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -499,18 +562,18 @@ def retrieval_attention(query, keys, values, table, starts, row_start, inv_freq,
     inv_freq = inv_freq.float().contiguous()
     half = head_dim // 2
     if n >= TILES_FROM:  # a prefill chunk: tiles of queries on the tensor cores
-        grid = (triton.cdiv(n, QUERY_TILE), batch * q_heads)
-        k_pad = triton.next_power_of_2(table.shape[3])
-        distinct = torch.empty(grid[0] * grid[1] * 2 * QUERY_TILE * k_pad, dtype=torch.long, device=query.device)
-        _retrieval_attention_tiles_kernel[grid](
-            query, keys, values, local_keys, local_values, table, starts, row_start, inv_freq, out, distinct,
+        settings = dict(BLOCK_SIZE=block_size, BLOCK_PAD=max(16, triton.next_power_of_2(block_size)), HALF=half,
+                        HALF_PAD=max(16, triton.next_power_of_2(half)),
+                        DOT_PRECISION="tf32x3" if keys.dtype == torch.float32 else "tf32",
+                        UPCAST_DOT=_interpreting() and keys.dtype == torch.bfloat16)
+        shares = table.shape[2] > 1  # each query its own blocks: their shares block by block first
+        gates, mixes = (_retrieved_shares(query, keys, values, table, starts, inv_freq, sm_scale, strides[:11],
+                                          settings) if shares else (out, out))
+        _retrieval_attention_tiles_kernel[(triton.cdiv(n, QUERY_TILE), batch * q_heads)](
+            query, keys, values, local_keys, local_values, table, starts, row_start, inv_freq, out, gates, mixes,
             *strides,
             q_heads, n, table.shape[3], local_keys.shape[1], chunk_length, float(sm_scale),
-            KV_GROUP=q_heads // kv_heads, BLOCK_SIZE=block_size, BLOCK_PAD=max(16, triton.next_power_of_2(block_size)),
-            HALF=half, HALF_PAD=max(16, triton.next_power_of_2(half)), BLOCK_M=QUERY_TILE,
-            K_PAD=k_pad, AT_ONCE=min(ENTRIES_AT_ONCE, QUERY_TILE * k_pad),
-            DOT_PRECISION="tf32x3" if keys.dtype == torch.float32 else "tf32",
-            UPCAST_DOT=_interpreting() and keys.dtype == torch.bfloat16, STAGES=TILES_STAGES,
+            KV_GROUP=q_heads // kv_heads, BLOCK_M=QUERY_TILE, SHARES=shares, STAGES=TILES_STAGES, **settings,
             num_warps=TILES_WARPS, enable_fp_fusion=True,
         )
         return out

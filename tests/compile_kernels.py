@@ -90,13 +90,26 @@ INFERENCE_KERNELS = {
         dict(q="bf16", keys="bf16", values="bf16", local_keys="bf16", local_values="bf16", table="i64", starts="i64",
              row_start="i64", inv_freq="fp32", out="bf16", partial="fp32"),
         dict(KV_GROUP=4, BLOCK_SIZE=64, BLOCK_PAD=64, HALF=64, HALF_PAD=64, SPLITS=8), 8),
-    "retrieval_attention_tiles": (  # a prefill chunk: tiles of 16 queries on the tensor cores
+    "retrieval_attention_tiles": (  # a prefill pass: tiles of 16 queries on the tensor cores, per-query shares
         retrieval._retrieval_attention_tiles_kernel,
         dict(q="bf16", keys="bf16", values="bf16", local_keys="bf16", local_values="bf16", table="i64", starts="i64",
-             row_start="i64", inv_freq="fp32", out="bf16", distinct="i64"),
-        dict(KV_GROUP=4, BLOCK_SIZE=64, BLOCK_PAD=64, HALF=64, HALF_PAD=64, BLOCK_M=retrieval.QUERY_TILE, K_PAD=4,
-             AT_ONCE=retrieval.ENTRIES_AT_ONCE, DOT_PRECISION="tf32", UPCAST_DOT=False,
-             STAGES=retrieval.TILES_STAGES), 4),
+             row_start="i64", inv_freq="fp32", out="bf16", gates="fp32", mixes="fp32"),
+        dict(KV_GROUP=4, BLOCK_SIZE=64, BLOCK_PAD=64, HALF=64, HALF_PAD=64, BLOCK_M=retrieval.QUERY_TILE,
+             SHARES=True, DOT_PRECISION="tf32", UPCAST_DOT=False, STAGES=retrieval.TILES_STAGES), 4),
+    "retrieval_attention_tiles_one_row": (  # a prefill chunk of per-chunk retrieval: the table's one row
+        retrieval._retrieval_attention_tiles_kernel,
+        dict(q="bf16", keys="bf16", values="bf16", local_keys="bf16", local_values="bf16", table="i64", starts="i64",
+             row_start="i64", inv_freq="fp32", out="bf16", gates="bf16", mixes="bf16"),
+        dict(KV_GROUP=4, BLOCK_SIZE=64, BLOCK_PAD=64, HALF=64, HALF_PAD=64, BLOCK_M=retrieval.QUERY_TILE,
+             SHARES=False, DOT_PRECISION="tf32", UPCAST_DOT=False, STAGES=retrieval.TILES_STAGES), 4),
+    "retrieved_shares": (  # the per-query retrieved blocks of a prefill pass, block by block
+        retrieval._retrieved_shares_kernel,
+        dict(q="bf16", keys="bf16", values="bf16", order="i64", sorted_segment="i64", firsts="i64", starts="i64",
+             inv_freq="fp32",
+             gates="fp32", mixes="fp32"),
+        dict(BLOCK_SIZE=64, BLOCK_PAD=64, HALF=64, HALF_PAD=64, PAIRS=retrieval.SHARE_PAIRS["dense"],
+             DOT_PRECISION="tf32",
+             UPCAST_DOT=False), retrieval.TILES_WARPS),
     "retrieval_merge": (
         retrieval._merge_splits_kernel, dict(partial="fp32", out="bf16"), dict(HALF=64, HALF_PAD=64, SPLITS=8), 1),
     "block_scores": (

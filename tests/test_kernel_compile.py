@@ -21,8 +21,8 @@ def test_every_config_compiles_for_sm90():
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     inference = {row["kernel"]: row for row in rows if "dtype" not in row}
     assert set(inference) == {"retrieval_attention", "retrieval_attention_spread", "retrieval_attention_tiles",
-                              "retrieval_merge", "block_scores", "block_scores_tensor_cores",
-                              "block_top_k", "chunk_write", "block_copy"}
+                              "retrieval_attention_tiles_one_row", "retrieved_shares", "retrieval_merge",
+                              "block_scores", "block_scores_tensor_cores", "block_top_k", "chunk_write", "block_copy"}
     assert all(row["cubin_bytes"] > 0 for row in inference.values())
     rows = [row for row in rows if "dtype" in row]
     for row in rows:

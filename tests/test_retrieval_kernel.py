@@ -134,6 +134,20 @@ def test_local_blocks_read_from_a_ring_and_retrieved_ones_from_another_store(lay
     torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=2e-5)
 
 
+def test_block_retrieved_by_many_queries_and_twice_by_some(layout):
+    """Every query of the 4 heads of a key/value group retrieves block 2 (the tiles then score it for more queries
+    than they take at once), each at its own start, some twice or with another block; the reference takes a block
+    listed twice twice."""
+    query, keys, values, table, starts, row_start, inv_freq = random_case(2, 4, 1, 40, 16, 8, 5, 3, False,
+                                                                          torch.float32)
+    table[:, :, :, 0] = 2
+    table[:, :, ::3, 1] = 2
+    out = retrieval_attention(query, keys, values, table, starts, row_start, inv_freq, 0.3)
+    expected = reference(query, keys, values, table, starts, row_start, inv_freq, 0.3)
+    torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=2e-5)
+    assert table.shape[1] * table.shape[2] > 2 * max(retrieval_module.SHARE_PAIRS.values())
+
+
 def test_bfloat16_store_is_read_in_fp32(layout):
     case = random_case(1, 4, 2, 2, 32, 16, 6, 3, False, torch.bfloat16)
     out = retrieval_attention(*case, 0.2)
@@ -182,6 +196,7 @@ def test_inference_kernels_compile_nothing_new_for_other_prompt_lengths():
     from landmark_llama.kernels import block_selection, chunk_write
 
     kernels = [retrieval_module._retrieval_attention_kernel, retrieval_module._retrieval_attention_tiles_kernel,
+               retrieval_module._retrieved_shares_kernel,
                retrieval_module._merge_splits_kernel, block_selection._landmark_scores_kernel,
                block_selection._top_blocks_kernel, chunk_write._write_chunk_kernel]
     if any(getattr(kernel, "device_caches", None) is None for kernel in kernels):
