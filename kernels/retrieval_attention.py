@@ -23,9 +23,10 @@ block's start instead of rotating the keys forward (<q at m, key at start + o> =
 rotated by o>).
 
 Layout. Three, by the pass's size, each an online softmax over blocks:
-  * a prefill chunk runs in tiles of QUERY_TILE consecutive queries of one head on the tensor cores: each block
-    that any query of the tile attends to is read once (a [tail | chunk] block for all of them, a retrieved block
-    for the queries that picked it, once for each start it was assigned);
+  * a prefill chunk runs in tiles of QUERY_TILE consecutive queries of one head on the tensor cores: each [tail |
+    chunk] block is read once for the tile; retrieved blocks of a per-query table are read first block by block
+    (`_retrieved_shares_kernel`: a program reads a block once for every query that picked it), and the tiles merge
+    those shares; a table of one row has its blocks read once for the tile;
   * a decoding step spreads each query's blocks over several programs, whose shares of the softmax one more kernel
     merges;
   * otherwise, one program per query and head reads its blocks one after another.
@@ -58,9 +59,9 @@ SPREAD_BELOW = 1024  # passes of fewer (query, head) pairs split each pair's blo
 SIZE_ARGS = ["stride_tb", "stride_th", "q_heads", "top_k", "ring", "chunk_length"]
 TILES_FROM = 16  # passes of at least this many queries (prefill chunks) run in tiles of QUERY_TILE queries
 QUERY_TILE = 16
-# launch settings of the tiles (benchmarks/prefill_kernels.py: 4 warps, the loops over blocks pipelined in 2 stages,
-# 5.9 ms for a 4,096-query pass of the 7B shape with random picks, against 6.9 ms unpipelined and 9.1-11 ms with the
-# next block loaded into registers ahead)
+# launch settings of the tiles and the shares (benchmarks/prefill_kernels.py: 4 warps, the tiles' loops over blocks
+# pipelined in 2 stages; with the shares, 1.47 ms for a 4,096-query pass of the 7B shape with random picks at 4 warps,
+# 2.21 ms at 8)
 TILES_WARPS = 4
 TILES_STAGES = 2
 # queries of one stored block scored at once when retrieved blocks are read block by block: 64 where the blocks
@@ -567,7 +568,8 @@ def retrieval_attention(query, keys, values, table, starts, row_start, inv_freq,
                         DOT_PRECISION="tf32x3" if keys.dtype == torch.float32 else "tf32",
                         UPCAST_DOT=_interpreting() and keys.dtype == torch.bfloat16)
         shares = table.shape[2] > 1  # each query its own blocks: their shares block by block first
-        gates, mixes = (_retrieved_shares(query, keys, values, table, starts, inv_freq, sm_scale, strides[:11],
+        gates, mixes = (_retrieved_shares(query, keys, values, table, starts, inv_freq, sm_scale,
+                                          strides[:11],  # the query's and the store's
                                           settings) if shares else (out, out))
         _retrieval_attention_tiles_kernel[(triton.cdiv(n, QUERY_TILE), batch * q_heads)](
             query, keys, values, local_keys, local_values, table, starts, row_start, inv_freq, out, gates, mixes,
