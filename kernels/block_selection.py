@@ -43,9 +43,13 @@ __all__ = ["select_blocks"]
 
 MAX_ROW_TILE = 4096  # a row of at most this many blocks is held in registers while its top k is found
 # the top k of a row takes a warp per this many blocks, 1 to 8: in a decoding step, whose few rows leave the GPU
-# idle, and in a prefill pass (benchmarks/prefill_kernels.py: 1.58 ms for the selection of a 4,096-query pass over
+# idle, and in a prefill pass (benchmarks/inference_kernels.py: 1.58 ms for the selection of a 4,096-query pass over
 # 520 blocks, against 1.97 ms at 256 a warp)
 TOP_K_BLOCKS_PER_WARP = dict(decoding=256, prefill=1024)
+# a decoding step scores tiles of this many blocks a program; a scoring program's warps
+# (benchmarks/inference_kernels.py)
+DECODE_SCORE_TILE = 32
+SCORE_WARPS = dict(decoding=4, prefill=4)
 # sizes that change with the prompt and the pass, never specialised on (a new prompt length compiles nothing new)
 SCORE_SIZES = ["q_heads", "n", "chunk_length", "num_blocks", "top_k"]
 
@@ -266,7 +270,7 @@ def _score_tiles(n, half):
         return (64 if n >= 64 else 16), 64, max(16, triton.next_power_of_2(half)), True
     block_m = min(16, triton.next_power_of_2(n))
     if block_m <= 2:
-        return block_m, 32, triton.next_power_of_2(half), False
+        return block_m, DECODE_SCORE_TILE, triton.next_power_of_2(half), False
     return block_m, 32 if block_m == 16 else 64, 8, False
 
 
@@ -324,7 +328,8 @@ def select_blocks(query, landmarks, in_block_landmarks, row_start, num_blocks, b
         KV_GROUP=q_heads // kv_heads, STINGY=bool(stingy), BLOCK_SIZE=block_size, HALF=head_dim // 2,
         BLOCK_M=block_m, TILE=tile, DK=dk, USE_DOT=use_dot, SPLIT=sixteen_bit,
         NATIVE_DOT=use_dot and sixteen_bit and query.dtype == landmarks.dtype,
-        UPCAST_DOT=_interpreting() and landmarks.dtype == torch.bfloat16, num_warps=4,
+        UPCAST_DOT=_interpreting() and landmarks.dtype == torch.bfloat16,
+        num_warps=SCORE_WARPS["prefill" if use_dot else "decoding"],
         enable_fp_fusion=True,  # explicit: Triton 3.10 turns the default off
     )
     row_tile = min(triton.next_power_of_2(num_blocks), MAX_ROW_TILE)

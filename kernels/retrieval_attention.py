@@ -54,19 +54,21 @@ __all__ = ["retrieval_attention", "MAX_HEAD_DIM", "MAX_BLOCK_SIZE"]
 MAX_HEAD_DIM = 256
 MAX_BLOCK_SIZE = 128
 SPREAD_BELOW = 1024  # passes of fewer (query, head) pairs split each pair's blocks over several programs
+SPREAD_ELEMENTS_PER_WARP = 1024  # a spread program's warps: one per this many of its [block, half] tile
 # sizes that change with the prompt or the pass, never specialised on, so that a new prompt length compiles nothing
 # new (the stores' and queries' strides keep their multiples of 16 whatever the length, which vector loads need)
 SIZE_ARGS = ["stride_tb", "stride_th", "q_heads", "top_k", "ring", "chunk_length"]
 TILES_FROM = 16  # passes of at least this many queries (prefill chunks) run in tiles of QUERY_TILE queries
 QUERY_TILE = 16
-# launch settings of the tiles and the shares (benchmarks/prefill_kernels.py: 4 warps, the tiles' loops over blocks
-# pipelined in 2 stages; with the shares, 1.47 ms for a 4,096-query pass of the 7B shape with random picks at 4 warps,
-# 2.21 ms at 8)
+# launch settings of the tiles and the shares (benchmarks/inference_kernels.py: 4 warps, the tiles' loops over
+# blocks pipelined in 2 stages; with the shares, 1.47 ms for a 4,096-query pass of the 7B shape with random picks at
+# 4 warps, 2.21 ms at 8)
 TILES_WARPS = 4
 TILES_STAGES = 2
 # queries of one stored block scored at once when retrieved blocks are read block by block: 64 where the blocks
-# average at least SHARE_DENSE_FROM queries (benchmarks/prefill_kernels.py, a 4,096-query pass of the 7B shape at 32k,
-# 32 queries a block: 1.47 ms at 64, 2.45 ms at 16, 3.96 ms at 32), 16 for sparse ones (a pass of one chunk)
+# average at least SHARE_DENSE_FROM queries (benchmarks/inference_kernels.py, a 4,096-query pass of the 7B shape at
+# 32k, 32 queries a block: 1.47 ms at 64, 2.45 ms at 16, 3.96 ms at 32; at 128k, 8 a block: 4.20 ms at 16, 5.20 at
+# 64), 16 for sparse ones (a pass of one chunk)
 SHARE_PAIRS = dict(dense=64, sparse=16)
 SHARE_DENSE_FROM = 16
 
@@ -74,11 +76,29 @@ SHARE_DENSE_FROM = 16
 # ---------------------------------------------------------------------------------------------------------
 # Layer 1: the Triton kernel
 # ---------------------------------------------------------------------------------------------------------
+# 2*pi in three fp32 parts, the first of 8 significant bits: a whole number of turns times it is exact in an fma
+TURN_HI = tl.constexpr(6.28125)
+TURN_MID = tl.constexpr(0.0019353071693331003)
+TURN_LO = tl.constexpr(1.0253131677018246e-11)
+INV_TURN = tl.constexpr(0.15915493667125702)
+
+
+@triton.jit
+def _cos_sin(angle):
+    """cos and sin of fp32 angles up to 2**24 in magnitude, reduced by whole turns first: past about 1e5 (positions
+    of a 128k prompt) the CUDA sin and cos fall to a slow reduction that a warp waits on whenever one lane needs it.
+    The reduced angle is within an ulp of the exact one, so the result matches cos/sin of the same fp32 angle."""
+    turns = tl.floor(angle * INV_TURN + 0.5)
+    reduced = tl.math.fma(-turns, TURN_HI, angle)  # exact: the difference fits fp32's 24 bits
+    reduced = tl.math.fma(-turns, TURN_LO, tl.math.fma(-turns, TURN_MID, reduced))
+    return tl.cos(reduced), tl.sin(reduced)
+
+
 @triton.jit
 def _rotate_back(q1, q2, freq, start):
     """The query halves rotated by -start: into the frame of a block whose keys are rotated by their offset only."""
     angle = -(start * 1.0) * freq  # positions up to 2**24 are exact in fp32
-    cos, sin = tl.cos(angle), tl.sin(angle)
+    cos, sin = _cos_sin(angle)
     return q1 * cos - q2 * sin, q2 * cos + q1 * sin
 
 
@@ -587,7 +607,8 @@ def retrieval_attention(query, keys, values, table, starts, row_start, inv_freq,
         query, keys, values, local_keys, local_values, table, starts, row_start, inv_freq, out, partial, *strides,
         q_heads, table.shape[3], local_keys.shape[1], chunk_length, float(sm_scale),
         KV_GROUP=q_heads // kv_heads, BLOCK_SIZE=block_size, BLOCK_PAD=triton.next_power_of_2(block_size),
-        HALF=half, HALF_PAD=half_pad, SPLITS=splits, num_warps=4 if block_size * half <= 4096 else 8,
+        HALF=half, HALF_PAD=half_pad, SPLITS=splits,
+        num_warps=min(8, max(1, triton.next_power_of_2(block_size) * half_pad // SPREAD_ELEMENTS_PER_WARP)),
         enable_fp_fusion=True,  # explicit: Triton 3.10 turns the default off
     )
     if splits > 1:

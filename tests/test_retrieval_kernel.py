@@ -5,6 +5,8 @@ the `cuda` cases at real sizes."""
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from landmark_llama.kernels import retrieval_attention as retrieval_module
 from landmark_llama.kernels.retrieval_attention import retrieval_attention
@@ -74,6 +76,29 @@ def random_case(batch, q_heads, kv_heads, n, head_dim, block_size, capacity, top
     starts = torch.randint(0, 5000, table.shape, device=device)
     inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
     return query, keys, values, table, starts, row_start, inv_freq
+
+
+@triton.jit
+def _cos_sin_kernel(angle, cos, sin, n, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    c, s = retrieval_module._cos_sin(tl.load(angle + i, mask=i < n, other=0.0))
+    tl.store(cos + i, c, mask=i < n)
+    tl.store(sin + i, s, mask=i < n)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_cos_sin_of_rope_angles_to_2_pow_24_match_float64(device):
+    """The kernels' cos and sin (whole turns taken off first) of the fp32 angles RoPE makes for positions up to 2**24,
+    both signs (queries are rotated back), against float64 functions of the same fp32 angles."""
+    positions = torch.cat([torch.randint(0, 1 << 24, (3000,)), torch.tensor([0, 1, 105615, 105616, (1 << 24) - 1])])
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 128, 2).float() / 128))
+    angle = (positions[:, None].float() * inv_freq).flatten()
+    angle = torch.cat([angle, -angle, torch.rand(1000) * 8 - 4]).to(device)  # and small ones near the turn's halves
+    cos, sin = torch.empty_like(angle), torch.empty_like(angle)
+    _cos_sin_kernel[(triton.cdiv(angle.numel(), 1024),)](angle, cos, sin, angle.numel(), BLOCK=1024)
+    exact = angle.double().cpu()
+    torch.testing.assert_close(cos.double().cpu(), exact.cos(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(sin.double().cpu(), exact.sin(), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize(
@@ -215,7 +240,7 @@ def test_inference_kernels_compile_nothing_new_for_other_prompt_lengths():
         new = torch.randn(1, 8, n, 128, device="cuda", dtype=torch.bfloat16)
         chunk_write.write_chunk(query, new, new, keys, values, landmarks, None, row_start, inv_freq)
 
-    for n in (2, 192):  # a decoding step (spread) and a prefill chunk (tiles)
+    for n in (2, 192, 32):  # a decoding step (spread), a prefill chunk (tiles) dense and sparse in shared blocks
         one_pass(n, 70)
     before = compiled()
     for n, capacity in ((2, 100), (192, 100), (77, 90), (130, 127), (2, 66), (960, 127)):

@@ -1,0 +1,165 @@
+"""Time the inference kernels of one wide prefill pass, or of one decoding step, on their own in each candidate launch
+setting (the data behind the settings the kernels ship with).
+
+    python benchmarks/inference_kernels.py --out OUT_DIR [--prompt 32768] [--width 4096] [--kv-heads 32] [--decode]
+
+Llama 2 7B attention (32 query heads of 128, bf16), block 64, top-k 4, stingy positions, a `--prompt`-token cache of
+random keys. Prefill: a pass of `--width` internal positions (chunks of 192) at its end. The selection runs on the
+kernels (its blocks come from random scores: every query picks its own; the attention reads each retrieved block
+once for all the queries that picked it); a second table gives every query of a chunk the same blocks (a trained
+model's queries agree far more than random ones). `--decode`: one query a row (`--width` rows), the selection
+(scoring tile and warps, the top k's blocks a warp) and the spread attention (warps), timed in CUDA graphs as a
+captured decoding step runs them. Each setting's output is checked against the first's.
+Writes OUT_DIR/prefill_kernels.json or OUT_DIR/decode_kernels.json.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from triton.testing import do_bench, do_bench_cudagraph
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import kernels.block_selection as selection  # noqa: E402
+import kernels.retrieval_attention as retrieval  # noqa: E402
+
+Q_HEADS, HEAD_DIM, BLOCK_SIZE, TOP_K, CHUNK = 32, 128, 64, 4, 192
+
+
+def queries_per_block(table, kv_heads):
+    """Mean number of (query, head) entries naming each retrieved (key/value head, block): the reuse a block read
+    once for all its queries gets."""
+    batch, heads, n, k = table.shape
+    owner = torch.arange(heads, device=table.device)[None, :, None, None] // (heads // kv_heads)
+    named = (owner * table.max().clamp(min=0) + owner + table)[table >= 0]
+    return float(named.numel() / max(named.unique().numel(), 1))
+
+
+def decode(args, store, results):
+    """One decoding step of `--width` rows, a query each."""
+    query, keys, values, landmarks, inv_freq, row_start, num_blocks = store
+    query = query[:, :, -1:].expand(args.width, -1, -1, -1).contiguous()
+    keys, values, landmarks = (t.expand(args.width, *t.shape[1:]) for t in (keys, values, landmarks))
+    row_start = row_start.expand(args.width).contiguous()
+    scale = HEAD_DIM ** -0.5
+
+    def select():
+        return selection.select_blocks(query, landmarks, keys[:, :, :, -1], row_start, num_blocks, BLOCK_SIZE,
+                                       TOP_K, True, inv_freq, scale, 1e-5)
+
+    reference = None
+    shipped = (selection.DECODE_SCORE_TILE, selection.SCORE_WARPS["decoding"],
+               selection.TOP_K_BLOCKS_PER_WARP["decoding"])
+    # the scoring's settings at the shipped top k, then the top k's at the shipped scoring
+    settings = [(tile, warps, shipped[2]) for tile in (32, 64, 128, 256) for warps in (1, 2, 4, 8)]
+    settings += [(*shipped[:2], per_warp) for per_warp in (128, 512, 1024, 4096)]
+    for tile, warps, per_warp in settings:
+        selection.DECODE_SCORE_TILE, selection.SCORE_WARPS["decoding"] = tile, warps
+        selection.TOP_K_BLOCKS_PER_WARP["decoding"] = per_warp
+        picked = select()
+        reference = picked if reference is None else reference
+        same = all(torch.equal(a, b) for a, b in zip(picked, reference))
+        results.append(dict(kernel="select_blocks", score_tile=tile, score_warps=warps, top_k_blocks_per_warp=per_warp,
+                            us=1e3 * do_bench_cudagraph(select), same=same))
+        print(json.dumps(results[-1]), flush=True)
+    selected, valid, starts = reference
+    table = torch.where(valid, selected, -1)
+    expected = None
+    for per_warp in (256, 512, 1024, 2048, 4096):
+        retrieval.SPREAD_ELEMENTS_PER_WARP = per_warp
+
+        def attend():
+            return retrieval.retrieval_attention(query, keys, values, table, starts, row_start, inv_freq, scale)
+
+        out = attend()
+        expected = out if expected is None else expected
+        results.append(dict(kernel="retrieval_spread", elements_per_warp=per_warp,
+                            us=1e3 * do_bench_cudagraph(attend), max_diff=float((out - expected).abs().max())))
+        print(json.dumps(results[-1]), flush=True)
+
+
+def prefill(args, store, results):
+    """One wide prefill pass of `--width` positions."""
+    query, keys, values, landmarks, inv_freq, row_start, num_blocks = store
+    device, scale = query.device, HEAD_DIM ** -0.5
+
+    def select():
+        return selection.select_blocks(query, landmarks, keys[:, :, :, -1], row_start, num_blocks, BLOCK_SIZE,
+                                       TOP_K, True, inv_freq, scale, 1e-5, CHUNK)
+
+    reference = None
+    for per_warp in (256, 512, 1024, 4096):
+        selection.TOP_K_BLOCKS_PER_WARP["prefill"] = per_warp
+        picked = select()
+        if reference is None:
+            reference = picked
+        same = all(torch.equal(a, b) for a, b in zip(picked, reference))
+        ms = do_bench(select, warmup=5, rep=30, return_mode="median")
+        results.append(dict(kernel="select_blocks", top_k_blocks_per_warp=per_warp, ms=ms, same=same))
+        print(json.dumps(results[-1]), flush=True)
+    selected, valid, starts = reference
+    random_table = torch.where(valid, selected, -1)
+    # every query of a chunk takes the blocks its chunk's first query took
+    chunk_of = torch.arange(args.width, device=device) // CHUNK * CHUNK
+    agreeing = random_table[:, :, chunk_of], starts[:, :, chunk_of]
+    tables = {"random picks": (random_table, starts), "a chunk's queries agree": agreeing}
+
+    for name, (table, table_starts) in tables.items():
+        print(f"{name}: {queries_per_block(table, args.kv_heads):.1f} queries a retrieved block", flush=True)
+        expected = None
+        for warps in (4, 8):
+            for pairs in (16, 32, 64):
+                retrieval.TILES_WARPS, retrieval.SHARE_PAIRS = warps, dict(dense=pairs, sparse=pairs)
+
+                def attend():
+                    return retrieval.retrieval_attention(query, keys, values, table, table_starts, row_start,
+                                                         inv_freq, scale, chunk_length=CHUNK)
+
+                try:
+                    out = attend()
+                except Exception as error:  # a setting that does not compile (registers, shared memory)
+                    print(f"  warps {warps} pairs {pairs}: {type(error).__name__}")
+                    continue
+                expected = out if expected is None else expected
+                ms = do_bench(attend, warmup=5, rep=30, return_mode="median")
+                results.append(dict(kernel="retrieval_tiles", table=name, warps=warps, share_pairs=pairs, ms=ms,
+                                    max_diff=float((out - expected).abs().max())))
+                print(json.dumps(results[-1]), flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--prompt", type=int, default=32768)
+    parser.add_argument("--width", type=int, default=None,
+                        help="prefill: positions of the pass (default 4096); decode: rows (default 1)")
+    parser.add_argument("--kv-heads", type=int, default=32)
+    parser.add_argument("--decode", action="store_true", help="a decoding step instead of a prefill pass")
+    args = parser.parse_args()
+    args.width = args.width or (1 if args.decode else 4096)
+    torch.manual_seed(0)
+    device, dtype = "cuda", torch.bfloat16
+    width = 1 if args.decode else args.width
+    capacity = args.prompt // (BLOCK_SIZE - 1) + 2
+    row_start = torch.tensor([(capacity - 1) * BLOCK_SIZE - width], device=device)
+    keys = torch.randn(1, capacity, args.kv_heads, BLOCK_SIZE, HEAD_DIM, device=device, dtype=dtype)
+    values = torch.randn_like(keys)
+    landmarks = keys[:, :, :, -1].contiguous()
+    query = torch.randn(1, Q_HEADS, width, HEAD_DIM, device=device, dtype=dtype)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, HEAD_DIM, 2, device=device).float() / HEAD_DIM))
+    num_blocks = int(row_start) // BLOCK_SIZE + (width - 1) // CHUNK * CHUNK // BLOCK_SIZE + 1
+    results = []
+    (decode if args.decode else prefill)(args, (query, keys, values, landmarks, inv_freq, row_start, num_blocks),
+                                         results)
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, prompt=args.prompt, width=args.width,
+                kv_heads=args.kv_heads, command=" ".join(sys.argv))
+    name = "decode_kernels.json" if args.decode else "prefill_kernels.json"
+    (args.out / name).write_text(json.dumps(dict(meta=meta, results=results), indent=1))
+
+
+if __name__ == "__main__":
+    main()
