@@ -38,6 +38,17 @@ def queries_per_block(table, kv_heads):
     return float(named.numel() / max(named.unique().numel(), 1))
 
 
+def kernel_times(fn, runs=10):
+    """{kernel: mean us a call of fn} from the profiler: where a setting's time goes."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as trace:
+        for _ in range(runs):
+            fn()
+        torch.cuda.synchronize()
+    return {e.key: round(e.device_time_total / runs, 1) for e in trace.key_averages() if e.device_time_total > 0}
+
+
 def decode(args, store, results):
     """One decoding step of `--width` rows, a query each."""
     query, keys, values, landmarks, inv_freq, row_start, num_blocks = store
@@ -65,6 +76,10 @@ def decode(args, store, results):
         results.append(dict(kernel="select_blocks", score_tile=tile, score_warps=warps, top_k_blocks_per_warp=per_warp,
                             us=1e3 * do_bench_cudagraph(select), same=same))
         print(json.dumps(results[-1]), flush=True)
+    (selection.DECODE_SCORE_TILE, selection.SCORE_WARPS["decoding"],
+     selection.TOP_K_BLOCKS_PER_WARP["decoding"]) = shipped
+    results.append(dict(kernel="select_blocks", split=kernel_times(select)))
+    print(json.dumps(results[-1]), flush=True)
     selected, valid, starts = reference
     table = torch.where(valid, selected, -1)
     expected = None
@@ -91,15 +106,21 @@ def prefill(args, store, results):
                                        TOP_K, True, inv_freq, scale, 1e-5, CHUNK)
 
     reference = None
-    for per_warp in (256, 512, 1024, 4096):
-        selection.TOP_K_BLOCKS_PER_WARP["prefill"] = per_warp
-        picked = select()
-        if reference is None:
-            reference = picked
-        same = all(torch.equal(a, b) for a, b in zip(picked, reference))
-        ms = do_bench(select, warmup=5, rep=30, return_mode="median")
-        results.append(dict(kernel="select_blocks", top_k_blocks_per_warp=per_warp, ms=ms, same=same))
-        print(json.dumps(results[-1]), flush=True)
+    shipped = selection.TOP_K_BLOCKS_PER_WARP["prefill"], selection.TOP_K_ELEMENTS["prefill"]
+    for per_warp in (512, 1024, 2048, 4096):
+        for elements in (1024, 4096, 16384):
+            selection.TOP_K_BLOCKS_PER_WARP["prefill"], selection.TOP_K_ELEMENTS["prefill"] = per_warp, elements
+            picked = select()
+            if reference is None:
+                reference = picked
+            same = all(torch.equal(a, b) for a, b in zip(picked, reference))
+            ms = do_bench(select, warmup=5, rep=30, return_mode="median")
+            results.append(dict(kernel="select_blocks", top_k_blocks_per_warp=per_warp, top_k_elements=elements,
+                                ms=ms, same=same))
+            print(json.dumps(results[-1]), flush=True)
+    selection.TOP_K_BLOCKS_PER_WARP["prefill"], selection.TOP_K_ELEMENTS["prefill"] = shipped
+    results.append(dict(kernel="select_blocks", split=kernel_times(select)))
+    print(json.dumps(results[-1]), flush=True)
     selected, valid, starts = reference
     random_table = torch.where(valid, selected, -1)
     # every query of a chunk takes the blocks its chunk's first query took
