@@ -106,19 +106,17 @@ def prefill(args, store, results):
                                        TOP_K, True, inv_freq, scale, 1e-5, CHUNK)
 
     reference = None
-    shipped = selection.TOP_K_BLOCKS_PER_WARP["prefill"], selection.TOP_K_ELEMENTS["prefill"]
-    for per_warp in (512, 1024, 2048, 4096):
-        for elements in (1024, 4096, 16384):
-            selection.TOP_K_BLOCKS_PER_WARP["prefill"], selection.TOP_K_ELEMENTS["prefill"] = per_warp, elements
-            picked = select()
-            if reference is None:
-                reference = picked
-            same = all(torch.equal(a, b) for a, b in zip(picked, reference))
-            ms = do_bench(select, warmup=5, rep=30, return_mode="median")
-            results.append(dict(kernel="select_blocks", top_k_blocks_per_warp=per_warp, top_k_elements=elements,
-                                ms=ms, same=same))
-            print(json.dumps(results[-1]), flush=True)
-    selection.TOP_K_BLOCKS_PER_WARP["prefill"], selection.TOP_K_ELEMENTS["prefill"] = shipped
+    shipped = selection.TOP_K_BLOCKS_PER_WARP["prefill"]
+    for per_warp in (256, 512, 1024, 2048, 4096):
+        selection.TOP_K_BLOCKS_PER_WARP["prefill"] = per_warp
+        picked = select()
+        if reference is None:
+            reference = picked
+        same = all(torch.equal(a, b) for a, b in zip(picked, reference))
+        ms = do_bench(select, warmup=5, rep=30, return_mode="median")
+        results.append(dict(kernel="select_blocks", top_k_blocks_per_warp=per_warp, ms=ms, same=same))
+        print(json.dumps(results[-1]), flush=True)
+    selection.TOP_K_BLOCKS_PER_WARP["prefill"] = shipped
     results.append(dict(kernel="select_blocks", split=kernel_times(select)))
     print(json.dumps(results[-1]), flush=True)
     selected, valid, starts = reference

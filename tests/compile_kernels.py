@@ -125,8 +125,7 @@ INFERENCE_KERNELS = {
     "block_top_k": (
         block_selection._top_blocks_kernel,
         dict(scratch="fp32", row_start="i64", selected="i64", valid="i1", starts="i64"),
-        dict(STINGY=True, BLOCK_SIZE=64, K_PAD=4, TILE=1024, ONE_TILE=True,
-             ROWS=block_selection.TOP_K_ELEMENTS["prefill"] // 1024), 4),  # a prefill pass over 520 blocks (32k)
+        dict(STINGY=True, BLOCK_SIZE=64, K_PAD=4, TILE=block_selection.MAX_ROW_TILE, ONE_TILE=True), 8),
     "chunk_write": (
         chunk_write._write_chunk_kernel,
         dict(q="bf16", k="bf16", v="bf16", q_out="bf16", key_store="bf16", value_store="bf16", landmarks="bf16",

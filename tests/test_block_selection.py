@@ -24,22 +24,18 @@ def _layer(batch, kv_heads, capacity, block_size, head_dim, generator, dtype=tor
 
 @pytest.mark.parametrize("positions", ["stingy", "true"])
 @pytest.mark.parametrize(
-    "batch, q_heads, kv_heads, width, head_dim, block_size, top_k, capacity, row_tile, rows_at_once",
+    "batch, q_heads, kv_heads, width, head_dim, block_size, top_k, capacity, row_tile",
     [
-        (3, 4, 2, 3, 16, 8, 3, 20, None, 1),  # GQA; rows with 0, 2 (< k) and many blocks
-        (3, 4, 2, 3, 16, 8, 3, 20, None, 8),  # the same, 8 rows a top-k program (36 rows: the last program part empty)
-        (2, 3, 1, 2, 80, 7, 4, 9, None, None),  # head_dim and block size no powers of two
-        (1, 2, 2, 1, 32, 51, 2, 300, None, None),  # the paper's block size, one query, more blocks than a score tile
-        (2, 2, 1, 21, 12, 4, 3, 50, 16, None),  # a chunk of two query tiles; rows of four tiles, read back per pass
+        (3, 4, 2, 3, 16, 8, 3, 20, None),  # GQA; rows with 0, 2 (< k) and many blocks
+        (2, 3, 1, 2, 80, 7, 4, 9, None),  # head_dim and block size no powers of two
+        (1, 2, 2, 1, 32, 51, 2, 300, None),  # the paper's block size, one query, more blocks than a score tile
+        (2, 2, 1, 21, 12, 4, 3, 50, 16),  # a chunk of two query tiles; rows of four tiles, read back per pass
     ],
 )
 def test_fused_selection_equals_the_pytorch_selection(positions, batch, q_heads, kv_heads, width, head_dim,
-                                                      block_size, top_k, capacity, row_tile, rows_at_once,
-                                                      monkeypatch):
+                                                      block_size, top_k, capacity, row_tile, monkeypatch):
     if row_tile is not None:  # rows longer than the tile held in registers, at a size the interpreter runs quickly
         monkeypatch.setattr(block_selection, "MAX_ROW_TILE", row_tile)
-    if rows_at_once is not None:  # rows side by side in a top-k program (a row tile of 32 blocks here)
-        monkeypatch.setattr(block_selection, "TOP_K_ELEMENTS", dict(decoding=32 * rows_at_once, prefill=0))
     generator = torch.Generator().manual_seed(capacity + width)
     layer = _layer(batch, kv_heads, capacity, block_size, head_dim, generator)
     complete = torch.randint(capacity // 2, capacity - 1, (batch,), generator=generator)

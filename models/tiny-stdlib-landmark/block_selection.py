@@ -46,10 +46,6 @@ MAX_ROW_TILE = 4096  # a row of at most this many blocks is held in registers wh
 # idle, and in a prefill pass (benchmarks/inference_kernels.py: 1.58 ms for the selection of a 4,096-query pass over
 # 520 blocks, against 1.97 ms at 256 a warp)
 TOP_K_BLOCKS_PER_WARP = dict(decoding=256, prefill=1024)
-# blocks of the rows a top-k program holds side by side, so that a prefill pass's many rows share each reduction's
-# wait (a decoding step's few rows each take a program, to spread over the GPU). At 128k one row fills 4,096 and
-# four side by side are slower (11.0 against 8.0 ms for a 4,096-query pass's selection); shorter rows pair up
-TOP_K_ELEMENTS = dict(decoding=1, prefill=4096)
 # a decoding step scores tiles of this many blocks a program; a scoring program's warps (benchmarks/
 # inference_kernels.py --decode, the 7B shape at 128k: selection 18.0 us a layer at tiles of 32 and 1 warp, 23.6 at 4,
 # 18.7 at tiles of 64, 31.8 at 128)
@@ -171,8 +167,8 @@ def _landmark_scores_kernel(
 
 @triton.jit
 def _scores_tile(p_scratch, c, limit, held, ONE_TILE: tl.constexpr):
-    """The scores of blocks `c` [ROWS, TILE] of the program's scratch rows (each its first `limit` [ROWS, 1]): `held`
-    where a whole row is one tile, held in registers."""
+    """The scores of blocks `c` of a scratch row (its first `limit`): `held` where the whole row is one tile, held in
+    registers."""
     if ONE_TILE:
         score = held
     else:
@@ -188,47 +184,43 @@ def _max_and_count(value_a, count_a, value_b, count_b):
     return value, count
 
 
-@triton.jit(do_not_specialize=["rows", "rows_per_batch", "n", "chunk_length", "num_blocks", "k", "top_k"])
+@triton.jit(do_not_specialize=["rows_per_batch", "n", "chunk_length", "num_blocks", "k", "top_k"])
 def _top_blocks_kernel(
     scratch, row_start, selected, valid, starts,
-    rows, rows_per_batch, n, chunk_length, num_blocks, k, top_k, tie_tolerance, row_stride,
+    rows_per_batch, n, chunk_length, num_blocks, k, top_k, tie_tolerance, row_stride,
     STINGY: tl.constexpr, BLOCK_SIZE: tl.constexpr, K_PAD: tl.constexpr, TILE: tl.constexpr,
-    ONE_TILE: tl.constexpr, ROWS: tl.constexpr,
+    ONE_TILE: tl.constexpr,
 ):
-    """The top k of ROWS scratch rows with the tie rule, and the starts: the rows side by side, so that each of the
-    reductions below (a wait on every warp of the program) serves ROWS rows."""
-    row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    row_in = row < rows
-    row = tl.minimum(row, rows - 1)  # the last row's addresses for rows past the end; nothing of theirs is stored
+    """The top k of one scratch row with the tie rule, and the starts."""
+    row = tl.program_id(0).to(tl.int64)
     complete = _chunk_first_block(tl.load(row_start + row // rows_per_batch), row % n, chunk_length, BLOCK_SIZE)
-    limit = tl.where(row_in, tl.minimum(complete, num_blocks), 0)  # each row's scores: its complete blocks
-    most = tl.max(limit, 0)
+    limit = tl.minimum(complete, num_blocks)  # the row's scores: its complete blocks
     recent_from = complete - tl.minimum(complete, top_k)
     window_start = (recent_from - 1) * BLOCK_SIZE
-    p_scratch = scratch + row[:, None] * row_stride
-    tile = tl.arange(0, TILE)[None, :]
+    p_scratch = scratch + row * row_stride
+    tile = tl.arange(0, TILE)
     if ONE_TILE:
-        held = tl.load(p_scratch + tile, mask=tile < limit[:, None], other=-float("inf"))
+        held = tl.load(p_scratch + tile, mask=tile < limit, other=-float("inf"))
     else:
-        held = tl.full([ROWS, TILE], -float("inf"), tl.float32)
+        held = tl.full([TILE], -float("inf"), tl.float32)
 
     # 1. the largest magnitude (of the existing blocks' scores) and the k-th highest score, duplicates counted (as
     # topk's values): the highest values one at a time, with their counts
-    largest = tl.zeros([ROWS], dtype=tl.float32)
-    for start in range(0, most, TILE):
-        score = _scores_tile(p_scratch, start + tile, limit[:, None], held, ONE_TILE)
-        largest = tl.maximum(largest, tl.max(tl.where(score == -float("inf"), 0.0, tl.abs(score)), 1))
-    cutoff = tl.full([ROWS], -float("inf"), tl.float32)
-    below = tl.full([ROWS], float("inf"), tl.float32)
-    remaining = tl.zeros([ROWS], dtype=tl.int32) + k
+    largest = 0.0
+    for start in range(0, limit, TILE):
+        score = _scores_tile(p_scratch, start + tile, limit, held, ONE_TILE)
+        largest = tl.maximum(largest, tl.max(tl.where(score == -float("inf"), 0.0, tl.abs(score)), 0))
+    cutoff = -float("inf")
+    below = float("inf")
+    remaining = k
     for _ in range(0, k):
-        value = tl.full([ROWS], -float("inf"), tl.float32)
-        count = tl.zeros([ROWS], dtype=tl.int32)
-        for start in range(0, most, TILE):
+        value = -float("inf")
+        count = 0
+        for start in range(0, limit, TILE):
             c = start + tile
-            score = _scores_tile(p_scratch, c, limit[:, None], held, ONE_TILE)
-            score = tl.where(score < below[:, None], score, -float("inf"))
-            tile_max, tile_count = tl.reduce((score, (c < limit[:, None]).to(tl.int32)), 1, _max_and_count)
+            score = _scores_tile(p_scratch, c, limit, held, ONE_TILE)
+            score = tl.where(score < below, score, -float("inf"))
+            tile_max, tile_count = tl.reduce((score, (c < limit).to(tl.int32)), 0, _max_and_count)
             count = tl.where(tile_max > value, tile_count, tl.where(tile_max == value, count + tile_count, count))
             value = tl.maximum(value, tile_max)
         cutoff = tl.where(remaining > 0, value, cutoff)
@@ -237,40 +229,38 @@ def _top_blocks_kernel(
     margin = tie_tolerance * largest
 
     # 2. how many are above the tie band
-    above_count = tl.zeros([ROWS], dtype=tl.int32)
-    for start in range(0, most, TILE):
-        score = _scores_tile(p_scratch, start + tile, limit[:, None], held, ONE_TILE)
-        above_count += tl.sum((score > (cutoff + margin)[:, None]).to(tl.int32), 1)
+    above_count = 0
+    for start in range(0, limit, TILE):
+        score = _scores_tile(p_scratch, start + tile, limit, held, ONE_TILE)
+        above_count += tl.sum((score > cutoff + margin).to(tl.int32), 0)
 
     # 3. blocks above, and the earliest ties in the places left, in block order
-    slot = tl.arange(0, K_PAD)[None, :]
-    p_out = row[:, None] * k + slot
-    out_mask = row_in[:, None] & (slot < k)
-    tl.store(selected + p_out, tl.zeros([ROWS, K_PAD], dtype=tl.int64), mask=out_mask)
+    slot = tl.arange(0, K_PAD)
+    p_out = row * k + slot
+    tl.store(selected + p_out, tl.zeros([K_PAD], dtype=tl.int64), mask=slot < k)
     tl.debug_barrier()
-    ties_seen = tl.zeros([ROWS], dtype=tl.int32)
-    chosen_count = tl.zeros([ROWS], dtype=tl.int32)
-    for start in range(0, most, TILE):
+    ties_seen = 0
+    chosen_count = 0
+    for start in range(0, limit, TILE):
         c = start + tile
-        score = _scores_tile(p_scratch, c, limit[:, None], held, ONE_TILE)
-        above = score > (cutoff + margin)[:, None]
-        tied = tl.abs(score - cutoff[:, None]) <= margin[:, None]  # false where both are -inf (NaN)
-        places = (k - above_count - ties_seen)[:, None]
-        chosen = above | (tied & (tl.cumsum(tied.to(tl.int32), 1) <= places))
-        rank = chosen_count[:, None] + tl.cumsum(chosen.to(tl.int32), 1)
-        tl.store(selected + row[:, None] * k + rank - 1, c.to(tl.int64), mask=chosen & row_in[:, None])
-        ties_seen += tl.sum(tied.to(tl.int32), 1)
-        chosen_count += tl.sum(chosen.to(tl.int32), 1)
+        score = _scores_tile(p_scratch, c, limit, held, ONE_TILE)
+        above = score > cutoff + margin
+        tied = tl.abs(score - cutoff) <= margin  # false where both are -inf (NaN)
+        chosen = above | (tied & (ties_seen + tl.cumsum(tied.to(tl.int32), 0) <= k - above_count))
+        rank = chosen_count + tl.cumsum(chosen.to(tl.int32), 0)
+        tl.store(selected + row * k + rank - 1, c.to(tl.int64), mask=chosen)
+        ties_seen += tl.sum(tied.to(tl.int32), 0)
+        chosen_count += tl.sum(chosen.to(tl.int32), 0)
     tl.debug_barrier()
 
     # 4. validity and the positions the retrieval assigns
-    picked = tl.load(selected + p_out, mask=out_mask, other=0)
-    tl.store(valid + p_out, slot < chosen_count[:, None], mask=out_mask)
+    picked = tl.load(selected + p_out, mask=slot < k, other=0)
+    tl.store(valid + p_out, slot < chosen_count, mask=slot < k)
     if STINGY:
-        place = window_start[:, None] + (slot + (picked >= recent_from[:, None]).to(tl.int64)) * BLOCK_SIZE
+        place = window_start + (slot + (picked >= recent_from).to(tl.int64)) * BLOCK_SIZE
     else:
         place = picked * BLOCK_SIZE
-    tl.store(starts + p_out, place, mask=out_mask)
+    tl.store(starts + p_out, place, mask=slot < k)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -351,15 +341,12 @@ def select_blocks(query, landmarks, in_block_landmarks, row_start, num_blocks, b
         enable_fp_fusion=True,  # explicit: Triton 3.10 turns the default off
     )
     row_tile = min(triton.next_power_of_2(num_blocks), MAX_ROW_TILE)
-    step = "prefill" if use_dot else "decoding"
-    rows = batch * q_heads * n
-    rows_at_once = min(max(1, TOP_K_ELEMENTS[step] // row_tile), triton.next_power_of_2(rows))
-    _top_blocks_kernel[(triton.cdiv(rows, rows_at_once),)](
+    _top_blocks_kernel[(batch * q_heads * n,)](
         scratch, row_start, selected, valid, starts,
-        rows, q_heads * n, n, chunk_length, num_blocks, k, top_k, float(tie_tolerance), row_stride,
+        q_heads * n, n, chunk_length, num_blocks, k, top_k, float(tie_tolerance), row_stride,
         STINGY=bool(stingy), BLOCK_SIZE=block_size, K_PAD=triton.next_power_of_2(k), TILE=row_tile,
-        ONE_TILE=num_blocks <= row_tile, ROWS=rows_at_once,
-        num_warps=min(8, max(1, rows_at_once * row_tile // TOP_K_BLOCKS_PER_WARP[step])),
+        ONE_TILE=num_blocks <= row_tile,
+        num_warps=min(8, max(1, row_tile // TOP_K_BLOCKS_PER_WARP["prefill" if use_dot else "decoding"])),
         enable_fp_fusion=True,
     )
     return selected, valid, starts
