@@ -171,7 +171,7 @@ def profile(args):
     steps = 4
     with torch.no_grad():
         if args.profile == "prefill":
-            landmark(prompt[:, :2048], **{_CACHE_FIELD: new_cache()}, logits_to_keep=1)  # warm the kernels
+            landmark(prompt, **{_CACHE_FIELD: new_cache()}, logits_to_keep=1)  # compiles every layout it reaches
             torch.cuda.synchronize()
             start = time.perf_counter()
             with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as trace:
