@@ -49,6 +49,12 @@ def kernel_times(fn, runs=10):
     return {e.key: round(e.device_time_total / runs, 1) for e in trace.key_averages() if e.device_time_total > 0}
 
 
+def record(results, **row):
+    """One measured setting: kept for the JSON and printed as it comes."""
+    results.append(row)
+    print(json.dumps(row), flush=True)
+
+
 def decode(args, store, results):
     """One decoding step of `--width` rows, a query each."""
     query, keys, values, landmarks, inv_freq, row_start, num_blocks = store
@@ -73,13 +79,11 @@ def decode(args, store, results):
         picked = select()
         reference = picked if reference is None else reference
         same = all(torch.equal(a, b) for a, b in zip(picked, reference))
-        results.append(dict(kernel="select_blocks", score_tile=tile, score_warps=warps, top_k_blocks_per_warp=per_warp,
-                            us=1e3 * do_bench_cudagraph(select), same=same))
-        print(json.dumps(results[-1]), flush=True)
+        record(results, kernel="select_blocks", score_tile=tile, score_warps=warps, top_k_blocks_per_warp=per_warp,
+               us=1e3 * do_bench_cudagraph(select), same=same)
     (selection.DECODE_SCORE_TILE, selection.SCORE_WARPS["decoding"],
      selection.TOP_K_BLOCKS_PER_WARP["decoding"]) = shipped
-    results.append(dict(kernel="select_blocks", split=kernel_times(select)))
-    print(json.dumps(results[-1]), flush=True)
+    record(results, kernel="select_blocks", split=kernel_times(select))
     selected, valid, starts = reference
     table = torch.where(valid, selected, -1)
     expected = None
@@ -91,9 +95,8 @@ def decode(args, store, results):
 
         out = attend()
         expected = out if expected is None else expected
-        results.append(dict(kernel="retrieval_spread", elements_per_warp=per_warp,
-                            us=1e3 * do_bench_cudagraph(attend), max_diff=float((out - expected).abs().max())))
-        print(json.dumps(results[-1]), flush=True)
+        record(results, kernel="retrieval_spread", elements_per_warp=per_warp, us=1e3 * do_bench_cudagraph(attend),
+               max_diff=float((out - expected).abs().max()))
 
 
 def prefill(args, store, results):
@@ -110,15 +113,12 @@ def prefill(args, store, results):
     for per_warp in (256, 512, 1024, 2048, 4096):
         selection.TOP_K_BLOCKS_PER_WARP["prefill"] = per_warp
         picked = select()
-        if reference is None:
-            reference = picked
+        reference = picked if reference is None else reference
         same = all(torch.equal(a, b) for a, b in zip(picked, reference))
-        ms = do_bench(select, warmup=5, rep=30, return_mode="median")
-        results.append(dict(kernel="select_blocks", top_k_blocks_per_warp=per_warp, ms=ms, same=same))
-        print(json.dumps(results[-1]), flush=True)
+        record(results, kernel="select_blocks", top_k_blocks_per_warp=per_warp,
+               ms=do_bench(select, warmup=5, rep=30, return_mode="median"), same=same)
     selection.TOP_K_BLOCKS_PER_WARP["prefill"] = shipped
-    results.append(dict(kernel="select_blocks", split=kernel_times(select)))
-    print(json.dumps(results[-1]), flush=True)
+    record(results, kernel="select_blocks", split=kernel_times(select))
     selected, valid, starts = reference
     random_table = torch.where(valid, selected, -1)
     # every query of a chunk takes the blocks its chunk's first query took
@@ -143,10 +143,9 @@ def prefill(args, store, results):
                     print(f"  warps {warps} pairs {pairs}: {type(error).__name__}")
                     continue
                 expected = out if expected is None else expected
-                ms = do_bench(attend, warmup=5, rep=30, return_mode="median")
-                results.append(dict(kernel="retrieval_tiles", table=name, warps=warps, share_pairs=pairs, ms=ms,
-                                    max_diff=float((out - expected).abs().max())))
-                print(json.dumps(results[-1]), flush=True)
+                record(results, kernel="retrieval_tiles", table=name, warps=warps, share_pairs=pairs,
+                       ms=do_bench(attend, warmup=5, rep=30, return_mode="median"),
+                       max_diff=float((out - expected).abs().max()))
 
 
 def main():

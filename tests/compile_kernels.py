@@ -105,11 +105,9 @@ INFERENCE_KERNELS = {
     "retrieved_shares": (  # the per-query retrieved blocks of a prefill pass, block by block
         retrieval._retrieved_shares_kernel,
         dict(q="bf16", keys="bf16", values="bf16", order="i64", sorted_segment="i64", firsts="i64", starts="i64",
-             inv_freq="fp32",
-             gates="fp32", mixes="fp32"),
+             inv_freq="fp32", gates="fp32", mixes="fp32"),
         dict(BLOCK_SIZE=64, BLOCK_PAD=64, HALF=64, HALF_PAD=64, PAIRS=retrieval.SHARE_PAIRS["dense"],
-             DOT_PRECISION="tf32",
-             UPCAST_DOT=False), retrieval.TILES_WARPS),
+             DOT_PRECISION="tf32", UPCAST_DOT=False), retrieval.TILES_WARPS),
     "retrieval_merge": (
         retrieval._merge_splits_kernel, dict(partial="fp32", out="bf16"), dict(HALF=64, HALF_PAD=64, SPLITS=8), 1),
     "block_scores": (

@@ -323,6 +323,7 @@ def select_blocks(query, landmarks, in_block_landmarks, row_start, num_blocks, b
     scratch = torch.empty(batch * q_heads * n, row_stride, dtype=torch.float32, device=query.device)
     row_start = row_start.long().contiguous()
     block_m, tile, dk, use_dot = _score_tiles(n, head_dim // 2)
+    step = "prefill" if use_dot else "decoding"  # the launch settings' kind of pass
     sixteen_bit = landmarks.dtype in (torch.bfloat16, torch.float16)
     if in_block_landmarks.dtype != landmarks.dtype:
         raise ValueError("select_blocks: both landmark keys need one dtype, got "
@@ -337,7 +338,7 @@ def select_blocks(query, landmarks, in_block_landmarks, row_start, num_blocks, b
         BLOCK_M=block_m, TILE=tile, DK=dk, USE_DOT=use_dot, SPLIT=sixteen_bit,
         NATIVE_DOT=use_dot and sixteen_bit and query.dtype == landmarks.dtype,
         UPCAST_DOT=_interpreting() and landmarks.dtype == torch.bfloat16,
-        num_warps=SCORE_WARPS["prefill" if use_dot else "decoding"],
+        num_warps=SCORE_WARPS[step],
         enable_fp_fusion=True,  # explicit: Triton 3.10 turns the default off
     )
     row_tile = min(triton.next_power_of_2(num_blocks), MAX_ROW_TILE)
@@ -346,7 +347,7 @@ def select_blocks(query, landmarks, in_block_landmarks, row_start, num_blocks, b
         q_heads * n, n, chunk_length, num_blocks, k, top_k, float(tie_tolerance), row_stride,
         STINGY=bool(stingy), BLOCK_SIZE=block_size, K_PAD=triton.next_power_of_2(k), TILE=row_tile,
         ONE_TILE=num_blocks <= row_tile,
-        num_warps=min(8, max(1, row_tile // TOP_K_BLOCKS_PER_WARP["prefill" if use_dot else "decoding"])),
+        num_warps=min(8, max(1, row_tile // TOP_K_BLOCKS_PER_WARP[step])),
         enable_fp_fusion=True,
     )
     return selected, valid, starts

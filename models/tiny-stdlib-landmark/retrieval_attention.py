@@ -105,6 +105,13 @@ def _rotate_back(q1, q2, freq, start):
 
 
 @triton.jit
+def _block_tile(store, i_b, i_kv, stride_b, stride_h, stride_o, slot, d):
+    """Addresses of a [slot, d] tile of block 0 of a store [batch, blocks, kv_heads, block_size, head_dim] for row
+    i_b and key/value head i_kv: block c's are these plus c times the block stride."""
+    return store + i_b.to(tl.int64) * stride_b + i_kv * stride_h + slot[:, None] * stride_o + d[None, :]
+
+
+@triton.jit
 def _chunk_first_block(chunk_start, query_index, chunk_length, BLOCK_SIZE: tl.constexpr):
     """The block holding the first position of a query's chunk (a pass runs its queries in chunks of
     `chunk_length`, each as if it were a pass of its own): where its [tail | chunk] begins, and how many complete
@@ -183,13 +190,11 @@ def _retrieval_attention_kernel(
     position = chunk_start + i_n
     own_block = position // BLOCK_SIZE
     local_first = _chunk_first_block(chunk_start, i_n, chunk_length, BLOCK_SIZE)
-    p_keys = keys + i_b.to(tl.int64) * stride_kb + i_kv * stride_kh + slot[:, None] * stride_ko + d[None, :]
-    p_values = values + i_b.to(tl.int64) * stride_vb + i_kv * stride_vh + slot[:, None] * stride_vo + d[None, :]
+    p_keys = _block_tile(keys, i_b, i_kv, stride_kb, stride_kh, stride_ko, slot, d)
+    p_values = _block_tile(values, i_b, i_kv, stride_vb, stride_vh, stride_vo, slot, d)
     # [tail | chunk] from the local store, block c at c % ring (a ring of recent blocks where the store is offloaded)
-    p_local_k = (local_keys + i_b.to(tl.int64) * stride_lkb + i_kv * stride_lkh + slot[:, None] * stride_lko
-                 + d[None, :])
-    p_local_v = (local_values + i_b.to(tl.int64) * stride_lvb + i_kv * stride_lvh + slot[:, None] * stride_lvo
-                 + d[None, :])
+    p_local_k = _block_tile(local_keys, i_b, i_kv, stride_lkb, stride_lkh, stride_lko, slot, d)
+    p_local_v = _block_tile(local_values, i_b, i_kv, stride_lvb, stride_lvh, stride_lvo, slot, d)
 
     gate_max = -float("inf")
     gate_sum = 0.0
@@ -303,10 +308,8 @@ def _retrieved_shares_kernel(
         in_half = d < HALF
         slot = tl.arange(0, BLOCK_PAD)
         tile_mask = (slot < BLOCK_SIZE)[:, None] & in_half[None, :]
-        p_k = (keys + i_b * stride_kb + block.to(tl.int64) * stride_kc + i_kv * stride_kh + slot[:, None] * stride_ko
-               + d[None, :])
-        p_v = (values + i_b * stride_vb + block.to(tl.int64) * stride_vc + i_kv * stride_vh
-               + slot[:, None] * stride_vo + d[None, :])
+        p_k = _block_tile(keys, i_b, i_kv, stride_kb, stride_kh, stride_ko, slot, d) + block.to(tl.int64) * stride_kc
+        p_v = _block_tile(values, i_b, i_kv, stride_vb, stride_vh, stride_vo, slot, d) + block.to(tl.int64) * stride_vc
         k1, k2, v1, v2 = _load_block(p_k, p_v, tile_mask, HALF)
         freq = tl.load(inv_freq + d, mask=in_half, other=0.0)[None, :]
         gated = tl.full([PAIRS], 1, tl.int1)
@@ -371,10 +374,10 @@ def _retrieval_attention_tiles_kernel(
     position = chunk_start + rows
     own_block = position // BLOCK_SIZE
     local_first = _chunk_first_block(chunk_start, rows, chunk_length, BLOCK_SIZE)
-    p_keys = keys + batch_row * stride_kb + i_kv * stride_kh + slot[:, None] * stride_ko + d[None, :]
-    p_values = values + batch_row * stride_vb + i_kv * stride_vh + slot[:, None] * stride_vo + d[None, :]
-    p_local_k = local_keys + batch_row * stride_lkb + i_kv * stride_lkh + slot[:, None] * stride_lko + d[None, :]
-    p_local_v = local_values + batch_row * stride_lvb + i_kv * stride_lvh + slot[:, None] * stride_lvo + d[None, :]
+    p_keys = _block_tile(keys, batch_row, i_kv, stride_kb, stride_kh, stride_ko, slot, d)
+    p_values = _block_tile(values, batch_row, i_kv, stride_vb, stride_vh, stride_vo, slot, d)
+    p_local_k = _block_tile(local_keys, batch_row, i_kv, stride_lkb, stride_lkh, stride_lko, slot, d)
+    p_local_v = _block_tile(local_values, batch_row, i_kv, stride_lvb, stride_lvh, stride_lvo, slot, d)
 
     gate_max = tl.full([BLOCK_M], -float("inf"), tl.float32)
     gate_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
