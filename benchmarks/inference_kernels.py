@@ -49,6 +49,14 @@ def kernel_times(fn, runs=10):
     return {e.key: round(e.device_time_total / runs, 1) for e in trace.key_averages() if e.device_time_total > 0}
 
 
+def resources(kernel):
+    """Registers, spills and shared memory of each compiled variant of a Triton kernel: what bounds its occupancy."""
+    variants = [compiled for cache in getattr(kernel, "device_caches", {}).values() for compiled in cache[0].values()]
+    return [dict(registers=getattr(c, "n_regs", None), spills=getattr(c, "n_spills", None),
+                 shared=getattr(c.metadata, "shared", None), warps=getattr(c.metadata, "num_warps", None))
+            for c in variants]
+
+
 def record(results, **row):
     """One measured setting: kept for the JSON and printed as it comes."""
     results.append(row)
@@ -72,7 +80,7 @@ def decode(args, store, results):
                selection.TOP_K_BLOCKS_PER_WARP["decoding"])
     # the scoring's settings at the shipped top k, then the top k's at the shipped scoring
     settings = [(tile, warps, shipped[2]) for tile in (32, 64, 128, 256) for warps in (1, 2, 4, 8)]
-    settings += [(*shipped[:2], per_warp) for per_warp in (128, 512, 1024, 4096)]
+    settings += [(*shipped[:2], per_warp) for per_warp in (64, 128, 512)]
     for tile, warps, per_warp in settings:
         selection.DECODE_SCORE_TILE, selection.SCORE_WARPS["decoding"] = tile, warps
         selection.TOP_K_BLOCKS_PER_WARP["decoding"] = per_warp
@@ -110,7 +118,7 @@ def prefill(args, store, results):
 
     reference = None
     shipped = selection.TOP_K_BLOCKS_PER_WARP["prefill"]
-    for per_warp in (256, 512, 1024, 2048, 4096):
+    for per_warp in (64, 128, 256, 512):
         selection.TOP_K_BLOCKS_PER_WARP["prefill"] = per_warp
         picked = select()
         reference = picked if reference is None else reference
@@ -119,6 +127,14 @@ def prefill(args, store, results):
                ms=do_bench(select, warmup=5, rep=30, return_mode="median"), same=same)
     selection.TOP_K_BLOCKS_PER_WARP["prefill"] = shipped
     record(results, kernel="select_blocks", split=kernel_times(select))
+
+    def select_true_positions():  # no window scores: what the stingy window's rotated products cost
+        return selection.select_blocks(query, landmarks, keys[:, :, :, -1], row_start, num_blocks, BLOCK_SIZE,
+                                       TOP_K, False, inv_freq, scale, 1e-5, CHUNK)
+
+    record(results, kernel="select_blocks", positions="true", split=kernel_times(select_true_positions))
+    for kernel in (selection._landmark_scores_kernel, selection._top_blocks_kernel):
+        record(results, kernel=kernel.fn.__name__, compiled=resources(kernel))
     selected, valid, starts = reference
     random_table = torch.where(valid, selected, -1)
     # every query of a chunk takes the blocks its chunk's first query took

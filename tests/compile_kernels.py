@@ -112,18 +112,20 @@ INFERENCE_KERNELS = {
         retrieval._merge_splits_kernel, dict(partial="fp32", out="bf16"), dict(HALF=64, HALF_PAD=64, SPLITS=8), 1),
     "block_scores": (
         block_selection._landmark_scores_kernel,
-        dict(q="bf16", landmarks="bf16", in_block="bf16", row_start="i64", inv_freq="fp32", scratch="fp32"),
+        dict(q="bf16", landmarks="bf16", in_block="bf16", row_start="i64", inv_freq="fp32", scratch="fp32",
+             tile_stats="fp32"),
         dict(KV_GROUP=4, STINGY=True, BLOCK_SIZE=64, HALF=64, BLOCK_M=16, TILE=32, DK=8, USE_DOT=False, SPLIT=True,
              NATIVE_DOT=False, UPCAST_DOT=False), 4),
     "block_scores_tensor_cores": (  # a prefill pass
         block_selection._landmark_scores_kernel,
-        dict(q="bf16", landmarks="bf16", in_block="bf16", row_start="i64", inv_freq="fp32", scratch="fp32"),
+        dict(q="bf16", landmarks="bf16", in_block="bf16", row_start="i64", inv_freq="fp32", scratch="fp32",
+             tile_stats="fp32"),
         dict(KV_GROUP=4, STINGY=True, BLOCK_SIZE=64, HALF=64, BLOCK_M=64, TILE=64, DK=64, USE_DOT=True, SPLIT=True,
              NATIVE_DOT=True, UPCAST_DOT=False), 4),
     "block_top_k": (
         block_selection._top_blocks_kernel,
-        dict(scratch="fp32", row_start="i64", selected="i64", valid="i1", starts="i64"),
-        dict(STINGY=True, BLOCK_SIZE=64, K_PAD=4, TILE=block_selection.MAX_ROW_TILE, ONE_TILE=True), 8),
+        dict(scratch="fp32", tile_stats="fp32", row_start="i64", selected="i64", valid="i1", starts="i64"),
+        dict(STINGY=True, BLOCK_SIZE=64, K_PAD=4, TILE=64, NUM_TILES=64, GROUP_TILES=8), 1),
     "chunk_write": (
         chunk_write._write_chunk_kernel,
         dict(q="bf16", k="bf16", v="bf16", q_out="bf16", key_store="bf16", value_store="bf16", landmarks="bf16",

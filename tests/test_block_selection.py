@@ -24,18 +24,18 @@ def _layer(batch, kv_heads, capacity, block_size, head_dim, generator, dtype=tor
 
 @pytest.mark.parametrize("positions", ["stingy", "true"])
 @pytest.mark.parametrize(
-    "batch, q_heads, kv_heads, width, head_dim, block_size, top_k, capacity, row_tile",
+    "batch, q_heads, kv_heads, width, head_dim, block_size, top_k, capacity, candidate_blocks",
     [
         (3, 4, 2, 3, 16, 8, 3, 20, None),  # GQA; rows with 0, 2 (< k) and many blocks
         (2, 3, 1, 2, 80, 7, 4, 9, None),  # head_dim and block size no powers of two
         (1, 2, 2, 1, 32, 51, 2, 300, None),  # the paper's block size, one query, more blocks than a score tile
-        (2, 2, 1, 21, 12, 4, 3, 50, 16),  # a chunk of two query tiles; rows of four tiles, read back per pass
+        (2, 2, 1, 21, 12, 4, 1, 150, 1),  # a chunk of two query tiles; rows of three score tiles, groups of two
     ],
 )
 def test_fused_selection_equals_the_pytorch_selection(positions, batch, q_heads, kv_heads, width, head_dim,
-                                                      block_size, top_k, capacity, row_tile, monkeypatch):
-    if row_tile is not None:  # rows longer than the tile held in registers, at a size the interpreter runs quickly
-        monkeypatch.setattr(block_selection, "MAX_ROW_TILE", row_tile)
+                                                      block_size, top_k, capacity, candidate_blocks, monkeypatch):
+    if candidate_blocks is not None:  # groups of the fewest candidate tiles, at a size the interpreter runs quickly
+        monkeypatch.setattr(block_selection, "CANDIDATE_BLOCKS", candidate_blocks)
     generator = torch.Generator().manual_seed(capacity + width)
     layer = _layer(batch, kv_heads, capacity, block_size, head_dim, generator)
     complete = torch.randint(capacity // 2, capacity - 1, (batch,), generator=generator)
@@ -56,6 +56,29 @@ def test_fused_selection_equals_the_pytorch_selection(positions, batch, q_heads,
     assert torch.equal(fused.starts, expected.starts)
     if batch == 3:  # the row without blocks picks none, the row with two picks both
         assert not expected.valid[0].any() and (expected.valid[1].sum(-1) == 2).all()
+
+
+@pytest.mark.parametrize("positions", ["stingy", "true"])
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_rows_of_ties_in_every_score_tile_select_the_earliest_blocks(positions, top_k, monkeypatch):
+    """Every block of a row ties (one landmark key for all): each score tile holds candidates, more than a group of
+    them, and the top k reads them group by group in block order."""
+    monkeypatch.setattr(block_selection, "CANDIDATE_BLOCKS", 1)  # groups of 2k tiles
+    batch, q_heads, kv_heads, head_dim, block_size, capacity = 2, 2, 1, 16, 4, 200
+    generator = torch.Generator().manual_seed(top_k)
+    layer = _layer(batch, kv_heads, capacity, block_size, head_dim, generator)
+    layer.keys[:, :, :, block_size - 1] = layer.keys[:, :1, :, block_size - 1]
+    layer.landmarks[:] = layer.landmarks[:, :1]
+    start = torch.tensor([capacity - 2, capacity // 2]) * block_size + 1
+    chunk = ChunkPositions(start, torch.ones(batch, dtype=torch.long), capacity - 1, block_size - 1, torch.tensor(0))
+    query = torch.randn(batch, q_heads, 1, head_dim, generator=generator)
+    settings = RetrievalSettings(top_k, "token", positions, 10, True, False)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    expected = layer.retrieve(query, chunk, settings, inv_freq, 0.3)
+    fused = layer.retrieve(query, chunk, settings, inv_freq, 0.3, use_kernel=True)
+    assert torch.equal(fused.valid, expected.valid) and expected.valid.all()
+    assert torch.equal(fused.blocks, expected.blocks)
+    assert torch.equal(fused.starts, expected.starts)
 
 
 @pytest.mark.parametrize("positions", ["stingy", "true"])

@@ -20,8 +20,11 @@ Layout. Two kernels, so that a decoding step (one query a head) still spreads ov
   * scores: one program per tile of queries of one head and tile of blocks. The queries of a tile share each
     landmark key they load (a prefill chunk's 16), and each block is read from the one store that scores it; the
     scores go to a scratch row per query and head.
-  * top k: one program per scratch row, held in registers where it fits (`MAX_ROW_TILE` blocks): the k-th highest
-    by k counting passes, then the blocks above it and the ties in block order.
+  * top k: one program per scratch row. The scoring also wrote each query's highest score and largest magnitude
+    a tile; the k tiles of the highest maxima hold k scores at least the k-th of those maxima, so every pick and
+    every tie lies in a tile whose maximum reaches it less the tie margin. Those tiles' scores, in block order and
+    held in registers (a group of them at a time where near ties make many), give the k-th highest by k counting
+    passes, then the blocks above it and the ties in block order.
 Scores are as exact as fp32 products, like the PyTorch selection's: summed on the CUDA cores for a decoding step; on
 the tensor cores for a prefill pass, 16-bit keys against 16-bit queries as they are (exact products) and against fp32
 (rotated) queries in three 16-bit parts, fp32 keys through 3xTF32.
@@ -37,15 +40,15 @@ except ImportError as error:
                       ) from error
 
 from .landmark_attention import _dot, _interpreting  # tl.dot as the training kernel runs it, interpreter included
-from .retrieval_attention import _chunk_first_block, _rotate_back  # as the attention kernel computes them
+from .retrieval_attention import _chunk_first_block, _cos_sin, _turn  # as the attention kernel computes them
 
 __all__ = ["select_blocks"]
 
-MAX_ROW_TILE = 4096  # a row of at most this many blocks is held in registers while its top k is found
-# the top k of a row takes a warp per this many blocks, 1 to 8: in a decoding step, whose few rows leave the GPU
-# idle, and in a prefill pass (benchmarks/inference_kernels.py: 1.58 ms for the selection of a 4,096-query pass over
-# 520 blocks, against 1.97 ms at 256 a warp)
-TOP_K_BLOCKS_PER_WARP = dict(decoding=256, prefill=1024)
+# the top k of a row reads the score tiles that can hold its picks in groups of at least this many blocks (at least
+# twice k tiles), the first held in registers: one group in all but rows of near ties
+CANDIDATE_BLOCKS = 512
+# the top k of a row takes a warp per this many blocks of a group, 1 to 8 (benchmarks/inference_kernels.py)
+TOP_K_BLOCKS_PER_WARP = dict(decoding=256, prefill=512)
 # a decoding step scores tiles of this many blocks a program; a scoring program's warps (benchmarks/
 # inference_kernels.py --decode, the 7B shape at 128k: selection 18.0 us a layer at tiles of 32 and 1 warp, 23.6 at 4,
 # 18.7 at tiles of 64, 31.8 at 128)
@@ -88,17 +91,18 @@ def _native_scores(a1, a2, b1, b2, UPCAST_DOT: tl.constexpr):
 
 @triton.jit(do_not_specialize=SCORE_SIZES)
 def _landmark_scores_kernel(
-    q, landmarks, in_block, row_start, inv_freq, scratch,
+    q, landmarks, in_block, row_start, inv_freq, scratch, tile_stats,
     stride_qb, stride_qh, stride_qn,
     stride_lb, stride_lc, stride_lh,
     stride_ib, stride_ic, stride_ih,
-    q_heads, n, chunk_length, num_blocks, top_k, scale, row_stride,
+    q_heads, n, chunk_length, num_blocks, top_k, scale, row_stride, stats_stride, stats_rows,
     KV_GROUP: tl.constexpr, STINGY: tl.constexpr, BLOCK_SIZE: tl.constexpr, HALF: tl.constexpr,
     BLOCK_M: tl.constexpr, TILE: tl.constexpr, DK: tl.constexpr, USE_DOT: tl.constexpr, SPLIT: tl.constexpr,
     NATIVE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     """Scores of BLOCK_M queries of one head against TILE blocks -> scratch rows of `row_stride` (num_blocks rounded up
-    to a multiple of 16, so that the rows stay aligned for vector stores and loads whatever the block count). Only a
+    to a multiple of 16, so that the rows stay aligned for vector stores and loads whatever the block count), and
+    each query's highest score and largest magnitude in the tile -> tile_stats [2, rows, stats_stride]. Only a
     query's complete blocks are written: the top k reads no further."""
     i_t = tl.program_id(1)
     i_b = tl.program_id(2) // q_heads
@@ -121,6 +125,10 @@ def _landmark_scores_kernel(
             older_bound = tl.max(recent_from, 0)  # no query of the tile scores an older block from here on
             any_older = first < older_bound
             least_recent = tl.min(tl.where(row_in, recent_from, most), 0)
+            # the queries of a tile within one chunk share its window: one angle a dimension, not one a query
+            most_recent = tl.max(tl.where(row_in, recent_from, 0), 0)
+            one_window = least_recent == most_recent
+            shared_start = (most_recent - 1) * BLOCK_SIZE
         else:  # every complete block is scored at its true position
             recent = exists
             least_recent = 0
@@ -151,7 +159,12 @@ def _landmark_scores_kernel(
             if STINGY:
                 if any_older:  # the tile holds older blocks, scored in each query's window
                     freq = tl.load(inv_freq + d, mask=in_half, other=0.0)[None, :]
-                    r1, r2 = _rotate_back(q1.to(tl.float32), q2.to(tl.float32), freq, window_start)
+                    if one_window:
+                        cos, sin = _cos_sin(-(shared_start * 1.0) * freq)
+                        cos, sin = tl.broadcast_to(cos, [BLOCK_M, DK]), tl.broadcast_to(sin, [BLOCK_M, DK])
+                    else:
+                        cos, sin = _cos_sin(-(window_start * 1.0) * freq)
+                    r1, r2 = _turn(q1.to(tl.float32), q2.to(tl.float32), cos, sin)
                     mask = (c < older_bound)[:, None] & in_half[None, :]
                     i1 = tl.load(p_i + d[None, :], mask=mask, other=0.0)
                     i2 = tl.load(p_i + HALF + d[None, :], mask=mask, other=0.0)
@@ -161,19 +174,14 @@ def _landmark_scores_kernel(
         else:
             score = tl.where(recent, true_score, -float("inf"))
         score = score * scale
-        p_scratch = scratch + (tl.program_id(2).to(tl.int64) * n + rows[:, None]) * row_stride + c[None, :]
-        tl.store(p_scratch, score, mask=row_in[:, None] & (c < num_blocks)[None, :])
-
-
-@triton.jit
-def _scores_tile(p_scratch, c, limit, held, ONE_TILE: tl.constexpr):
-    """The scores of blocks `c` of a scratch row (its first `limit`): `held` where the whole row is one tile, held in
-    registers."""
-    if ONE_TILE:
-        score = held
-    else:
-        score = tl.load(p_scratch + c, mask=c < limit, other=-float("inf"))
-    return score
+        row = tl.program_id(2).to(tl.int64) * n + rows
+        tl.store(scratch + row[:, None] * row_stride + c[None, :], score,
+                 mask=row_in[:, None] & (c < num_blocks)[None, :])
+        # the tile's highest score and largest magnitude a query: where the top k looks, and its tie margin
+        p_stats = tile_stats + row * stats_stride + i_t
+        tl.store(p_stats, tl.max(score, 1), mask=row_in)
+        tl.store(p_stats + stats_rows * stats_stride, tl.max(tl.where(score == -float("inf"), 0.0, tl.abs(score)), 1),
+                 mask=row_in)
 
 
 @triton.jit
@@ -184,83 +192,133 @@ def _max_and_count(value_a, count_a, value_b, count_b):
     return value, count
 
 
+@triton.jit
+def _highest_below(score, weight, below):
+    """(the highest score under `below`, the weight of the scores equal to it)."""
+    return tl.reduce((tl.where(score < below, score, -float("inf")), weight.to(tl.int32)), 0, _max_and_count)
+
+
+@triton.jit
+def _kth_highest(score, weight, k):
+    """The k-th highest of the weighted scores, duplicates counted (as topk's values); -inf where fewer than k."""
+    cutoff = -float("inf")
+    below = float("inf")
+    remaining = k
+    for _ in range(0, k):
+        value, count = _highest_below(score, weight, below)
+        cutoff = tl.where(remaining > 0, value, cutoff)
+        remaining -= count
+        below = value
+    return cutoff
+
+
+@triton.jit
+def _candidate_group(p_scratch, limit, rank, candidate, n_candidates, tiles, group,
+                     GROUP_TILES: tl.constexpr, TILE: tl.constexpr):
+    """The scores of a row's candidate score tiles group*GROUP_TILES onwards, GROUP_TILES of them, flat in block
+    order: (scores, block indices, whether each is one of the row's blocks)."""
+    wanted = group * GROUP_TILES + tl.arange(0, GROUP_TILES) + 1  # the candidates' ranks
+    tile_of = tl.sum(tl.where((rank[None, :] == wanted[:, None]) & candidate[None, :], tiles[None, :], 0), 1)
+    block = tile_of[:, None] * TILE + tl.arange(0, TILE)[None, :]
+    exists = (wanted <= n_candidates)[:, None] & (block < limit)
+    score = tl.load(p_scratch + block, mask=exists, other=-float("inf"))
+    return (tl.reshape(score, [GROUP_TILES * TILE]), tl.reshape(block, [GROUP_TILES * TILE]),
+            tl.reshape(exists, [GROUP_TILES * TILE]))
+
+
+@triton.jit
+def _held_or_group(p_scratch, limit, rank, candidate, n_candidates, tiles, group, held_score, held_block,
+                   held_exists, GROUP_TILES: tl.constexpr, TILE: tl.constexpr):
+    """A group of candidates: the one held in registers when the row has one."""
+    if n_candidates <= GROUP_TILES:
+        score, block, exists = held_score, held_block, held_exists
+    else:
+        score, block, exists = _candidate_group(p_scratch, limit, rank, candidate, n_candidates, tiles, group,
+                                                GROUP_TILES, TILE)
+    return score, block, exists
+
+
 @triton.jit(do_not_specialize=["rows_per_batch", "n", "chunk_length", "num_blocks", "k", "top_k"])
 def _top_blocks_kernel(
-    scratch, row_start, selected, valid, starts,
-    rows_per_batch, n, chunk_length, num_blocks, k, top_k, tie_tolerance, row_stride,
+    scratch, tile_stats, row_start, selected, valid, starts,
+    rows_per_batch, n, chunk_length, num_blocks, k, top_k, tie_tolerance, row_stride, stats_stride, stats_rows,
     STINGY: tl.constexpr, BLOCK_SIZE: tl.constexpr, K_PAD: tl.constexpr, TILE: tl.constexpr,
-    ONE_TILE: tl.constexpr,
+    NUM_TILES: tl.constexpr, GROUP_TILES: tl.constexpr,
 ):
-    """The top k of one scratch row with the tie rule, and the starts."""
+    """The top k of one scratch row with the tie rule, and the starts, read from the score tiles that can hold
+    them: those whose highest score reaches the k-th highest tile maximum less the tie margin (the k tiles of the
+    highest maxima hold k scores at least that high, so every pick and tie lies in such a tile)."""
     row = tl.program_id(0).to(tl.int64)
     complete = _chunk_first_block(tl.load(row_start + row // rows_per_batch), row % n, chunk_length, BLOCK_SIZE)
     limit = tl.minimum(complete, num_blocks)  # the row's scores: its complete blocks
     recent_from = complete - tl.minimum(complete, top_k)
     window_start = (recent_from - 1) * BLOCK_SIZE
     p_scratch = scratch + row * row_stride
-    tile = tl.arange(0, TILE)
-    if ONE_TILE:
-        held = tl.load(p_scratch + tile, mask=tile < limit, other=-float("inf"))
-    else:
-        held = tl.full([TILE], -float("inf"), tl.float32)
 
-    # 1. the largest magnitude (of the existing blocks' scores) and the k-th highest score, duplicates counted (as
-    # topk's values): the highest values one at a time, with their counts
-    largest = 0.0
-    for start in range(0, limit, TILE):
-        score = _scores_tile(p_scratch, start + tile, limit, held, ONE_TILE)
-        largest = tl.maximum(largest, tl.max(tl.where(score == -float("inf"), 0.0, tl.abs(score)), 0))
+    # 1. the tie margin (the largest magnitude of the row's scores) and the candidate tiles, from the tiles' maxima
+    tiles = tl.arange(0, NUM_TILES)
+    tile_exists = tiles * TILE < limit
+    p_stats = tile_stats + row * stats_stride + tiles
+    tile_max = tl.load(p_stats, mask=tile_exists, other=-float("inf"))
+    margin = tie_tolerance * tl.max(tl.load(p_stats + stats_rows * stats_stride, mask=tile_exists, other=0.0), 0)
+    candidate = tile_exists & (tile_max >= _kth_highest(tile_max, tile_exists, k) - margin)
+    rank = tl.cumsum(candidate.to(tl.int32), 0)
+    n_candidates = tl.sum(candidate.to(tl.int32), 0)
+    groups = tl.cdiv(n_candidates, GROUP_TILES)
+    held_score, held_block, held_exists = _candidate_group(p_scratch, limit, rank, candidate, n_candidates, tiles, 0,
+                                                           GROUP_TILES, TILE)
+
+    # 2. the k-th highest score, duplicates counted: the highest values one at a time, with their counts
     cutoff = -float("inf")
     below = float("inf")
     remaining = k
     for _ in range(0, k):
         value = -float("inf")
         count = 0
-        for start in range(0, limit, TILE):
-            c = start + tile
-            score = _scores_tile(p_scratch, c, limit, held, ONE_TILE)
-            score = tl.where(score < below, score, -float("inf"))
-            tile_max, tile_count = tl.reduce((score, (c < limit).to(tl.int32)), 0, _max_and_count)
-            count = tl.where(tile_max > value, tile_count, tl.where(tile_max == value, count + tile_count, count))
-            value = tl.maximum(value, tile_max)
+        for group in range(0, groups):
+            score, block, exists = _held_or_group(p_scratch, limit, rank, candidate, n_candidates, tiles, group,
+                                                  held_score, held_block, held_exists, GROUP_TILES, TILE)
+            group_max, group_count = _highest_below(score, exists, below)
+            count = tl.where(group_max > value, group_count, tl.where(group_max == value, count + group_count, count))
+            value = tl.maximum(value, group_max)
         cutoff = tl.where(remaining > 0, value, cutoff)
         remaining -= count
         below = value
-    margin = tie_tolerance * largest
 
-    # 2. how many are above the tie band
+    # 3. how many are above the tie band
     above_count = 0
-    for start in range(0, limit, TILE):
-        score = _scores_tile(p_scratch, start + tile, limit, held, ONE_TILE)
+    for group in range(0, groups):
+        score, block, exists = _held_or_group(p_scratch, limit, rank, candidate, n_candidates, tiles, group,
+                                              held_score, held_block, held_exists, GROUP_TILES, TILE)
         above_count += tl.sum((score > cutoff + margin).to(tl.int32), 0)
 
-    # 3. blocks above, and the earliest ties in the places left, in block order
+    # 4. blocks above, and the earliest ties in the places left, in block order
     slot = tl.arange(0, K_PAD)
     p_out = row * k + slot
     tl.store(selected + p_out, tl.zeros([K_PAD], dtype=tl.int64), mask=slot < k)
     tl.debug_barrier()
     ties_seen = 0
     chosen_count = 0
-    for start in range(0, limit, TILE):
-        c = start + tile
-        score = _scores_tile(p_scratch, c, limit, held, ONE_TILE)
+    for group in range(0, groups):
+        score, block, exists = _held_or_group(p_scratch, limit, rank, candidate, n_candidates, tiles, group,
+                                              held_score, held_block, held_exists, GROUP_TILES, TILE)
         above = score > cutoff + margin
         tied = tl.abs(score - cutoff) <= margin  # false where both are -inf (NaN)
         chosen = above | (tied & (ties_seen + tl.cumsum(tied.to(tl.int32), 0) <= k - above_count))
-        rank = chosen_count + tl.cumsum(chosen.to(tl.int32), 0)
-        tl.store(selected + row * k + rank - 1, c.to(tl.int64), mask=chosen)
+        place = chosen_count + tl.cumsum(chosen.to(tl.int32), 0)
+        tl.store(selected + row * k + place - 1, block.to(tl.int64), mask=chosen)
         ties_seen += tl.sum(tied.to(tl.int32), 0)
         chosen_count += tl.sum(chosen.to(tl.int32), 0)
     tl.debug_barrier()
 
-    # 4. validity and the positions the retrieval assigns
+    # 5. validity and the positions the retrieval assigns
     picked = tl.load(selected + p_out, mask=slot < k, other=0)
     tl.store(valid + p_out, slot < chosen_count, mask=slot < k)
     if STINGY:
-        place = window_start + (slot + (picked >= recent_from).to(tl.int64)) * BLOCK_SIZE
+        start = window_start + (slot + (picked >= recent_from).to(tl.int64)) * BLOCK_SIZE
     else:
-        place = picked * BLOCK_SIZE
-    tl.store(starts + p_out, place, mask=slot < k)
+        start = picked * BLOCK_SIZE
+    tl.store(starts + p_out, start, mask=slot < k)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -323,17 +381,22 @@ def select_blocks(query, landmarks, in_block_landmarks, row_start, num_blocks, b
     scratch = torch.empty(batch * q_heads * n, row_stride, dtype=torch.float32, device=query.device)
     row_start = row_start.long().contiguous()
     block_m, tile, dk, use_dot = _score_tiles(n, head_dim // 2)
+    # score tiles a row, held as a power of two that changes with the block count's (no new compile a prompt)
+    num_tiles = max(1, triton.next_power_of_2(num_blocks) // tile)
+    tile_stats = torch.empty(2, batch * q_heads * n, triton.cdiv(num_blocks, tile), dtype=torch.float32,
+                             device=query.device)
     step = "prefill" if use_dot else "decoding"  # the launch settings' kind of pass
     sixteen_bit = landmarks.dtype in (torch.bfloat16, torch.float16)
     if in_block_landmarks.dtype != landmarks.dtype:
         raise ValueError("select_blocks: both landmark keys need one dtype, got "
                          f"{landmarks.dtype} and {in_block_landmarks.dtype}.")
     _landmark_scores_kernel[(triton.cdiv(n, block_m), triton.cdiv(num_blocks, tile), batch * q_heads)](
-        query, landmarks, in_block_landmarks, row_start, inv_freq.float().contiguous(), scratch,
+        query, landmarks, in_block_landmarks, row_start, inv_freq.float().contiguous(), scratch, tile_stats,
         query.stride(0), query.stride(1), query.stride(2),
         landmarks.stride(0), landmarks.stride(1), landmarks.stride(2),
         in_block_landmarks.stride(0), in_block_landmarks.stride(1), in_block_landmarks.stride(2),
-        q_heads, n, chunk_length, num_blocks, top_k, float(scale), row_stride,
+        q_heads, n, chunk_length, num_blocks, top_k, float(scale), row_stride, tile_stats.stride(1),
+        tile_stats.shape[1],
         KV_GROUP=q_heads // kv_heads, STINGY=bool(stingy), BLOCK_SIZE=block_size, HALF=head_dim // 2,
         BLOCK_M=block_m, TILE=tile, DK=dk, USE_DOT=use_dot, SPLIT=sixteen_bit,
         NATIVE_DOT=use_dot and sixteen_bit and query.dtype == landmarks.dtype,
@@ -341,13 +404,14 @@ def select_blocks(query, landmarks, in_block_landmarks, row_start, num_blocks, b
         num_warps=SCORE_WARPS[step],
         enable_fp_fusion=True,  # explicit: Triton 3.10 turns the default off
     )
-    row_tile = min(triton.next_power_of_2(num_blocks), MAX_ROW_TILE)
+    group_tiles = min(num_tiles, max(triton.next_power_of_2(2 * k), CANDIDATE_BLOCKS // tile))
     _top_blocks_kernel[(batch * q_heads * n,)](
-        scratch, row_start, selected, valid, starts,
-        q_heads * n, n, chunk_length, num_blocks, k, top_k, float(tie_tolerance), row_stride,
-        STINGY=bool(stingy), BLOCK_SIZE=block_size, K_PAD=triton.next_power_of_2(k), TILE=row_tile,
-        ONE_TILE=num_blocks <= row_tile,
-        num_warps=min(8, max(1, row_tile // TOP_K_BLOCKS_PER_WARP[step])),
+        scratch, tile_stats, row_start, selected, valid, starts,
+        q_heads * n, n, chunk_length, num_blocks, k, top_k, float(tie_tolerance), row_stride, tile_stats.stride(1),
+        tile_stats.shape[1],
+        STINGY=bool(stingy), BLOCK_SIZE=block_size, K_PAD=triton.next_power_of_2(k), TILE=tile, NUM_TILES=num_tiles,
+        GROUP_TILES=group_tiles,
+        num_warps=min(8, max(1, group_tiles * tile // TOP_K_BLOCKS_PER_WARP[step])),
         enable_fp_fusion=True,
     )
     return selected, valid, starts

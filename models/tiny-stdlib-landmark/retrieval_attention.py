@@ -99,8 +99,13 @@ def _cos_sin(angle):
 @triton.jit
 def _rotate_back(q1, q2, freq, start):
     """The query halves rotated by -start: into the frame of a block whose keys are rotated by their offset only."""
-    angle = -(start * 1.0) * freq  # positions up to 2**24 are exact in fp32
-    cos, sin = _cos_sin(angle)
+    cos, sin = _cos_sin(-(start * 1.0) * freq)  # positions up to 2**24 are exact in fp32
+    return _turn(q1, q2, cos, sin)
+
+
+@triton.jit
+def _turn(q1, q2, cos, sin):
+    """The query halves rotated by the angles of (cos, sin)."""
     return q1 * cos - q2 * sin, q2 * cos + q1 * sin
 
 
