@@ -133,6 +133,12 @@ def prefill(args, store, results):
                                        TOP_K, False, inv_freq, scale, 1e-5, CHUNK)
 
     record(results, kernel="select_blocks", positions="true", split=kernel_times(select_true_positions))
+    shipped = selection.SCORE_WARPS["prefill"]
+    for warps in (4, 8):
+        selection.SCORE_WARPS["prefill"] = warps
+        same = all(torch.equal(a, b) for a, b in zip(select(), reference))
+        record(results, kernel="select_blocks", score_warps=warps, split=kernel_times(select), same=same)
+    selection.SCORE_WARPS["prefill"] = shipped
     for kernel in (selection._landmark_scores_kernel, selection._top_blocks_kernel):
         record(results, kernel=kernel.fn.__name__, compiled=resources(kernel))
     selected, valid, starts = reference

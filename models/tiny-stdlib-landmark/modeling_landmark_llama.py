@@ -598,7 +598,10 @@ class LandmarkLlamaModel(LandmarkLlamaPreTrainedModel, LlamaModel):
             hidden, written = written, hidden
         del written
         cache.finish_chunks(lengths, len(chunks))
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden))
+        # the final norm in place, a chunk at a time: its fp32 copies of a whole prompt were the prefill's peak
+        for begin in range(0, hidden.shape[1], chunk_length):
+            hidden[:, begin : begin + chunk_length] = self.norm(hidden[:, begin : begin + chunk_length])
+        return BaseModelOutputWithPast(last_hidden_state=hidden)
 
 
 def _set_cache_rope(cache, rotary_emb):
