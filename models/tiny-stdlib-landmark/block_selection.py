@@ -47,11 +47,13 @@ __all__ = ["select_blocks"]
 # the top k of a row reads the score tiles that can hold its picks in groups of at least this many blocks (at least
 # twice k tiles), the first held in registers: one group in all but rows of near ties
 CANDIDATE_BLOCKS = 512
-# the top k of a row takes a warp per this many blocks of a group, 1 to 8 (benchmarks/inference_kernels.py)
+# the top k of a row takes a warp per this many blocks of a group, 1 to 8 (benchmarks/inference_kernels.py, the 7B
+# shape at 128k: a prefill pass's selection 2.68 ms at 512, 2.81 at 256, 3.92 at 64; a decoding step's 16.7 us a layer
+# at 256, 16.3-17.8 from 64 to 512)
 TOP_K_BLOCKS_PER_WARP = dict(decoding=256, prefill=512)
-# a decoding step scores tiles of this many blocks a program; a scoring program's warps (benchmarks/
-# inference_kernels.py --decode, the 7B shape at 128k: selection 18.0 us a layer at tiles of 32 and 1 warp, 23.6 at 4,
-# 18.7 at tiles of 64, 31.8 at 128)
+# a decoding step scores tiles of this many blocks a program; a scoring program's warps (inference_kernels.py
+# --decode, the 7B shape at 128k: selection 16.7 us a layer at tiles of 32 and 1 warp, 22.4 at 4, 18.3 at tiles of
+# 64, 31.3 at 128)
 DECODE_SCORE_TILE = 32
 SCORE_WARPS = dict(decoding=1, prefill=4)
 # sizes that change with the prompt and the pass, never specialised on (a new prompt length compiles nothing new)
