@@ -19,7 +19,6 @@ Writes OUT_DIR/attention.md (markdown table), OUT_DIR/attention.json and, with m
 
 import argparse
 import datetime
-import importlib.util
 import json
 import math
 import os
@@ -33,11 +32,8 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import kernels.landmark_attention as landmark_kernels  # noqa: E402
-from kernels.landmark_attention import landmark_attention  # noqa: E402
+import landmark_llama.kernels.landmark_attention as landmark_kernels
+from landmark_llama.kernels.landmark_attention import landmark_attention
 
 Q_HEADS, HEAD_DIM, BLOCK_SIZE, DTYPE = 32, 128, 64, torch.bfloat16
 SHAPES = ["16x512", "4x2048", "1x2048", "1x4096", "1x8192", "1x16384", "1x32768"]
@@ -45,14 +41,9 @@ EAGER_MAX_LEN = 4096  # the eager path keeps [b, h, n, n] fp32 weights: 2 GiB at
 
 
 def _load_eager():
-    """The model's eager landmark attention (modeling_landmark_llama.landmark_eager_attention), loaded as the
-    repository package, or None where it cannot be imported."""
+    """The model's eager landmark attention (modeling_landmark_llama.landmark_eager_attention), or None where it
+    cannot be imported."""
     try:
-        spec = importlib.util.spec_from_file_location("landmark_llama", ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT)])
-        package = importlib.util.module_from_spec(spec)
-        sys.modules["landmark_llama"] = package
-        spec.loader.exec_module(package)
         from landmark_llama.modeling_landmark_llama import landmark_eager_attention
         return landmark_eager_attention
     except Exception as exc:  # noqa: BLE001 - a missing eager path only drops one column

@@ -21,10 +21,8 @@ from pathlib import Path
 import torch
 from triton.testing import do_bench, do_bench_cudagraph
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import kernels.block_selection as selection  # noqa: E402
-import kernels.retrieval_attention as retrieval  # noqa: E402
+import landmark_llama.kernels.block_selection as selection
+import landmark_llama.kernels.retrieval_attention as retrieval
 
 Q_HEADS, HEAD_DIM, BLOCK_SIZE, TOP_K, CHUNK = 32, 128, 64, 4, 192
 

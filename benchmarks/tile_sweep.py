@@ -20,9 +20,7 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import kernels.landmark_attention as lk  # noqa: E402
+import landmark_llama.kernels.landmark_attention as lk
 
 Q_HEADS, BLOCK_SIZE, DTYPE = 32, 64, torch.bfloat16
 

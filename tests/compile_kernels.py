@@ -11,20 +11,16 @@ process without TRITON_INTERPRET: test_kernel_compile.py starts it.
 
 import json
 import os
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-
-import kernels.block_copy as block_copy  # noqa: E402
-import kernels.block_selection as block_selection  # noqa: E402
-import kernels.chunk_write as chunk_write  # noqa: E402
-import kernels.landmark_attention as lk  # noqa: E402
-import kernels.retrieval_attention as retrieval  # noqa: E402
+import landmark_llama.kernels.block_copy as block_copy
+import landmark_llama.kernels.block_selection as block_selection
+import landmark_llama.kernels.chunk_write as chunk_write
+import landmark_llama.kernels.landmark_attention as lk
+import landmark_llama.kernels.retrieval_attention as retrieval
 
 TARGET = GPUTarget("cuda", 90, 32)
 TENSOR_ARGS = {"q", "k", "v", "o", "do", "dq", "dk", "dv"}

@@ -2,16 +2,9 @@
 and the `cuda` marker for tests that need a GPU (skipped without one; select them with `-m cuda`)."""
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-# `from kernels.landmark_attention import ...` resolves from the repository root, also under plain `pytest`
-_ROOT = str(Path(__file__).resolve().parents[1])
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
 
 if not torch.cuda.is_available():
     # must happen before triton is imported by any test module

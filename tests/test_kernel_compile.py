@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import kernels.landmark_attention as kernel_module
+import landmark_llama.kernels.landmark_attention as kernel_module
 
 SCRIPT = Path(__file__).with_name("compile_kernels.py")
 

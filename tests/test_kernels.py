@@ -10,8 +10,8 @@ import pytest
 import torch
 from landmark_reference import landmark_attention_reference
 
-import kernels.landmark_attention as kernel_module
-from kernels.landmark_attention import landmark_attention
+import landmark_llama.kernels.landmark_attention as kernel_module
+from landmark_llama.kernels.landmark_attention import landmark_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

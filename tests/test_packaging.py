@@ -57,6 +57,23 @@ def test_commands_run_from_outside_the_repository(tmp_path):
     assert result.stdout.startswith("usage:")
 
 
+def test_the_repository_root_does_not_hide_other_kernels_packages(tmp_path):
+    """Run from the repository root (where `python -m pytest` and `python -m landmark_llama.tools.x` put it first on
+    sys.path), our `kernels/` folder must not shadow another top-level `kernels` package: transformers >= 5.25
+    imports Hugging Face's `kernels` as it loads Llama. A stand-in package on PYTHONPATH plays it here, so this holds
+    whether or not the real one is installed."""
+    stand_in = tmp_path / "site" / "kernels"
+    stand_in.mkdir(parents=True)
+    (stand_in / "__init__.py").write_text("THE_OTHER_ONE = True\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    for code in ("import kernels; assert getattr(kernels, 'THE_OTHER_ONE', False), kernels",
+                 "import transformers.models.llama.modeling_llama, landmark_llama.modeling_landmark_llama; "
+                 "from landmark_llama.kernels.landmark_attention import landmark_attention"):
+        result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env if "THE_OTHER" in code else None,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+
+
 def quick_start_code():
     """The Python block of the README's Quick start."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
