@@ -25,8 +25,10 @@ def _generate(model, ids, mask, **settings):
 @pytest.mark.parametrize("positions", ["stingy", "true"])
 @pytest.mark.parametrize("cuda_graphs", [True, False])
 def test_offloaded_cache_generates_what_the_device_cache_does(monkeypatch, granularity, positions, cuda_graphs):
-    """A padded batch of long prompts (prefill chunks that stage whole layers or fetch into slots) and 60 decoding
-    steps, enough that the longest row fetches more blocks into its slots than they hold."""
+    """A padded batch of long prompts (prefill passes on the staged layer, which fetch nothing) and 60 decoding
+    steps, in which per-token retrieval fetches more blocks into the slots than they hold (per-chunk retrieval, one
+    selection a step, fetches fewer: `test_fetch_reads_the_selected_blocks_and_keeps_recent_ones` reuses slots under
+    both)."""
     model = tiny_landmark_model(train_context_length=64, retrieval_top_k=2, num_attention_heads=4,
                                 num_key_value_heads=2)
     ids, mask, _ = left_padded([190, 77, 5])
@@ -48,7 +50,9 @@ def test_offloaded_cache_generates_what_the_device_cache_does(monkeypatch, granu
     torch.testing.assert_close(offloaded_scores, scores, atol=1e-5, rtol=1e-5)
     layer = cache.layers[0]
     assert isinstance(layer, OffloadedCacheLayer) and layer.slots == OFFLOAD_SLOTS_PER_PICK * 2 * 2
-    assert sum(fetches) / len(cache.layers) / 2 > layer.slots  # (keys and values) slots were reused
+    assert sum(fetches) > 0
+    if granularity == "token":
+        assert sum(fetches) / len(cache.layers) / 2 > layer.slots  # (keys and values) slots were reused
 
 
 def test_offloaded_stores_grow_past_the_decoding_headroom():

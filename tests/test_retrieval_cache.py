@@ -282,10 +282,11 @@ def test_retrieval_kernel_serves_the_cache_like_the_eager_path(monkeypatch, gran
                                                                offload, pass_positions, length):
     """With the kernels on (here under TRITON_INTERPRET), every chunk and decoding step runs on the retrieval kernel,
     which reads the cache in place, in static passes (cuda_graphs on: static bounds, no host reads) and in exact
-    ones, and with the store offloaded (the local part from the ring, retrieved blocks from the slots or the staged
-    layer): logits and greedy tokens equal the eager path's, padded batches too. With per-token retrieval and the
-    store on the device, the prefill runs as wide passes of several chunks (all of a short prompt in one, or
-    `PREFILL_PASS_POSITIONS` at a time), which compute what the eager path's passes of one chunk compute."""
+    ones, and with the store offloaded (the local part from the ring or, during a prompt's layer-by-layer passes, the
+    staged layer; retrieved blocks from the slots or the staged layer): logits and greedy tokens equal the eager
+    path's, padded batches too. With per-token retrieval the prefill runs as wide passes of several chunks (all of a
+    short prompt in one, or `PREFILL_PASS_POSITIONS` at a time), which compute what the eager path's passes of one
+    chunk compute."""
     import landmark_llama.modeling_landmark_llama as modeling
 
     if pass_positions is not None:
@@ -321,7 +322,7 @@ def test_retrieval_kernel_serves_the_cache_like_the_eager_path(monkeypatch, gran
     assert torch.equal(on_kernel[1], eager[1])
     torch.testing.assert_close(on_kernel[2], eager[2], atol=2e-5, rtol=2e-5)
     internal = length + length // (model.config.block_size - 1)  # the prompt with its landmarks
-    wide = granularity == "token" and not offload
+    wide = granularity == "token"
     pass_length = chunk_length * (min(modeling.PREFILL_PASS_POSITIONS // chunk_length, -(-internal // chunk_length))
                                   if wide else 1)
     passes = {min(pass_length, internal - begin) for begin in range(0, internal, pass_length)}

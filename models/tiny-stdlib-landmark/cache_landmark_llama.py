@@ -553,54 +553,92 @@ def copy_blocks(src, dst, src_blocks, dst_blocks):
 
 
 class BlockStager:
-    """The complete blocks of one offloaded layer on the device, for prefill chunks whose queries select blocks of
-    their own (any of a layer's blocks, so the whole layer is needed). Offloaded prompts run layer by layer
-    (`LandmarkLlamaModel._forward_layer_major`), which `hold`s each layer while its chunks run: its blocks from earlier
-    forwards are copied here once, the blocks its chunks complete are appended as they are written, and `release`
-    frees the buffer when the forward ends. Chunk by chunk through every layer, each layer's chunk reloads it."""
+    """The complete blocks of one offloaded layer on the device, for prefill passes whose queries select blocks of
+    their own (any of a layer's blocks, so the whole layer is needed).
+
+    Offloaded prompts run layer by layer (`LandmarkLlamaModel._forward_layer_major`), which `hold`s each layer, with
+    the rows' starting lengths, while its passes run. The buffer is then the layer's local store
+    (`OffloadedCacheLayer.local_keys`): the layer's blocks from earlier forwards are copied here once (complete ones
+    from the host, each row's tail from the ring), the passes write their keys and values here (any width: the buffer
+    holds every block), the blocks they complete go to the host from here, and `settle` puts each row's tail back into
+    the ring before the next layer is held. `release` frees the buffer when the forward ends.
+    Chunk by chunk through every layer (when per-layer outputs are asked for), each layer's chunk reloads the layer
+    through `blocks` and the ring stays the local store; the blocks the chunk completes are appended."""
 
     def __init__(self):
-        self.layer = self.keys = self.values = None
+        self.layer = self.keys = self.values = self.starts = None
         self.loaded = 0
         self.ready = False
 
-    def hold(self, layer, blocks):
+    def hold(self, layer, blocks, starts=None):
         """Keep `layer`'s blocks here from now on: its first `blocks` (complete on the host) are copied when first
-        needed (the layer's stores exist from its first write), the rest appended as they complete."""
-        self.layer, self.loaded, self.ready = layer, blocks, False
+        needed (the layer's stores exist from its first write). `starts` [batch], the rows' internal lengths before
+        the forward: the buffer is also the layer's local store (see the class), holding each row's tail."""
+        self.layer, self.loaded, self.ready, self.starts = layer, blocks, False, starts
+
+    def is_local_store_of(self, layer):
+        return self.starts is not None and self.layer is layer
 
     def blocks(self, layer, blocks):
         """(keys, values) [batch, blocks, kv_heads, block_size, head_dim]: the first `blocks` blocks of `layer`."""
         if self.layer is not layer:
             self.hold(layer, blocks)
-        keys, values = self._buffers()
+        keys, values = self.buffers()
         return keys[:, :blocks], values[:, :blocks]
 
     def append(self, layer, source, target):
-        """Blocks `layer` has just completed (`copy_blocks` indices from its ring), if it is the one held."""
-        if self.layer is layer:
-            keys, values = self._buffers()
+        """Blocks `layer` has just completed (`copy_blocks` indices from its ring), if it is held (and not written
+        here directly)."""
+        if self.layer is layer and self.starts is None:
+            keys, values = self.buffers()
             copy_blocks(layer.ring_keys, keys, source, target)
             copy_blocks(layer.ring_values, values, source, target)
 
-    def _buffers(self):
+    def settle(self, ends):
+        """The held local store's tails (each row's block at `ends` [batch] // block_size) back into the layer's ring,
+        where the passes after this forward read them."""
+        self._tails(ends, to_ring=True)
+
+    def buffers(self):
+        """(keys, values): the held layer's blocks, [batch, capacity, kv_heads, block_size, head_dim]."""
         layer = self.layer
         if not self.ready:
             if self.keys is None or self.keys.shape != layer.keys.shape:
                 self.keys = self.values = None  # (freed before the new ones are allocated)
-                self.keys, self.values = (torch.empty(layer.keys.shape, dtype=layer.dtype, device=layer.device)
+                # zeros, then other layers' blocks: a local store's unwritten slots are read (with weight 0) and
+                # must be finite
+                self.keys, self.values = (torch.zeros(layer.keys.shape, dtype=layer.dtype, device=layer.device)
                                           for _ in range(2))
             for buffer, store in ((self.keys, layer.keys), (self.values, layer.values)):
                 for row in range(store.shape[0]):  # contiguous rows: one asynchronous copy each
                     buffer[row, : self.loaded].copy_(store[row, : self.loaded], non_blocking=True)
             self.ready = True
+            if self.starts is not None:
+                # a shorter row's blocks past its own complete ones were never written on the host
+                complete = self.starts // layer.block_size
+                unwritten = torch.arange(self.loaded, device=layer.device) >= complete[:, None]
+                for buffer in (self.keys, self.values):
+                    buffer[:, : self.loaded].masked_fill_(unwritten[..., None, None, None], 0.0)
+                self._tails(self.starts, to_ring=False)
         if self.keys.shape != layer.keys.shape:
             raise RuntimeError("the offloaded layer grew while its blocks were held on the device; the cache plans "
                                "its capacity before a forward, so this is a bug: please report it.")
         return self.keys, self.values
 
+    def _tails(self, lengths, to_ring):
+        """Each row's tail block (at `lengths` [batch] // block_size) between the held layer's ring and here."""
+        layer = self.layer
+        keys, values = self.buffers()
+        tail = (lengths // layer.block_size)[:, None, None].expand(-1, keys.shape[2], 1)
+        in_ring = tail % layer.ring_keys.shape[1]
+        for here, ring in ((keys, layer.ring_keys), (values, layer.ring_values)):
+            if to_ring:
+                copy_blocks(here, ring, tail, in_ring)
+            else:
+                copy_blocks(ring, here, in_ring, tail)
+
     def release(self):
-        self.layer = self.keys = self.values = None
+        self.layer = self.keys = self.values = self.starts = None
         self.ready = False
 
 
@@ -649,11 +687,19 @@ class OffloadedCacheLayer(LandmarkCacheLayer):
 
     @property
     def local_keys(self):
-        return self.ring_keys
+        return self._local()[0]
 
     @property
     def local_values(self):
-        return self.ring_values
+        return self._local()[1]
+
+    @property
+    def held_by_stager(self):
+        """Whether a layer-major prefill holds this layer: the stager's copy of all its blocks is its local store."""
+        return self.stager is not None and self.stager.is_local_store_of(self)
+
+    def _local(self):
+        return self.stager.buffers() if self.held_by_stager else (self.ring_keys, self.ring_values)
 
     def in_block_landmarks(self, num_blocks):
         return self.block_landmarks[:, :num_blocks]
@@ -670,13 +716,16 @@ class OffloadedCacheLayer(LandmarkCacheLayer):
             return (torch.where(done, local_index, -1)[:, None].expand(-1, heads, -1),
                     written[:, None].expand(-1, heads, -1))
 
-        source, target = chunk.once("completed blocks", completed)
-        copy_blocks(self.ring_keys, self.keys, source, target)
-        copy_blocks(self.ring_values, self.values, source, target)
+        source, target = chunk.once(("completed blocks", self.local_keys.shape[1]), completed)
+        local_keys, local_values = self._local()
+        copy_blocks(local_keys, self.keys, source, target)
+        copy_blocks(local_values, self.values, source, target)
         self.stager.append(self, source, target)
 
     def retrieved(self, selected, valid, starts, chunk):
         batch, q_heads, retrievers, k = selected.shape
+        if self.held_by_stager:
+            return RetrievedBlocks(selected, valid, starts, *self.stager.buffers())
         if q_heads // self.keys.shape[2] * retrievers * k <= self.slots:
             return self.fetch(selected, valid, starts, chunk)
         keys, values = self.stager.blocks(self, chunk.most_blocks)
@@ -832,22 +881,24 @@ class LandmarkRetrievalCache(Cache):
         stores = [getattr(layer, name) for layer in self.layers if layer.is_initialized for name in layer.STORES]
         return [self.internal_lengths, self.passes] + stores
 
-    def plan_chunks(self, lengths, chunk_length, total):
-        """The chunks of an input of `total` internal positions adding `lengths` [batch] to the rows, each with its
-        exact bounds (one read to the host for all): [(begin, ChunkPositions)], to run the input layer by layer.
-        `finish_chunks` then advances the rows."""
-        begins = torch.arange(0, total, chunk_length, device=lengths.device)
-        chunk_lengths = (lengths[None] - begins[:, None]).clamp(0, chunk_length)  # [chunks, batch]
-        starts = self.internal_lengths + chunk_lengths.cumsum(0) - chunk_lengths
+    def plan_chunks(self, lengths, pass_length, total, chunk_length=None):
+        """The passes of an input of `total` internal positions adding `lengths` [batch] to the rows, `pass_length`
+        positions each (in chunks of `chunk_length`, see `ChunkPositions`), with their exact bounds (one read to the
+        host for all): [(begin, ChunkPositions)], to run the input layer by layer. `finish_chunks` then advances the
+        rows."""
+        begins = torch.arange(0, total, pass_length, device=lengths.device)
+        pass_lengths = (lengths[None] - begins[:, None]).clamp(0, pass_length)  # [passes, batch]
+        starts = self.internal_lengths + pass_lengths.cumsum(0) - pass_lengths
         bounds = torch.cat([(starts // self.block_size).amax(1), (starts % self.block_size).amax(1),
                             (self.internal_lengths + lengths).amax()[None]]).tolist()
         count = len(begins)
         self.longest = bounds[-1]
-        return [(begin, ChunkPositions(starts[i], chunk_lengths[i], bounds[i], bounds[count + i], self.passes + i))
-                for i, begin in enumerate(range(0, total, chunk_length))]
+        return [(begin, ChunkPositions(starts[i], pass_lengths[i], bounds[i], bounds[count + i], self.passes + i,
+                                       chunk_length))
+                for i, begin in enumerate(range(0, total, pass_length))]
 
     def finish_chunks(self, lengths, count):
-        """After `plan_chunks`' `count` chunks ran through every layer."""
+        """After `plan_chunks`' `count` passes ran through every layer."""
         self.internal_lengths.add_(lengths)
         self.passes.add_(count)
         self.chunk = None

@@ -322,10 +322,14 @@ class LandmarkLayout:
         return internal.scatter(1, index, token_embeds)[:, : self.internal_length]
 
     def extract(self, internal_states):
-        """[batch, internal_length, hidden] -> [batch, n, hidden]; padding positions get zeros."""
-        hidden = internal_states.shape[-1]
-        padded = nn.functional.pad(internal_states, (0, 0, 0, 1))
-        return padded.gather(1, self.token_positions[..., None].expand(-1, -1, hidden))
+        """[batch, internal_length, hidden] -> [batch, n, hidden]; padding positions get zeros. (No padded copy of
+        the internal states: a long prompt's are gigabytes.)"""
+        batch, internal_length, hidden = internal_states.shape
+        if internal_length == 0:
+            return internal_states.new_zeros(batch, self.token_positions.shape[1], hidden)
+        index = self.token_positions.clamp(max=internal_length - 1)[..., None].expand(-1, -1, hidden)
+        states = internal_states.gather(1, index)
+        return states.masked_fill_((self.token_positions == internal_length)[..., None], 0.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -442,8 +446,9 @@ class LandmarkLlamaModel(LandmarkLlamaPreTrainedModel, LlamaModel):
                 attention_mask, batch, length, self.config.block_size, inputs_embeds.device, tokens_seen
             )
             internal_embeds = layout.insert(inputs_embeds, self._landmark_embedding(inputs_embeds.device))
+            inputs_embeds = None  # (a long prompt's embeddings are gigabytes)
             if cache is None:
-                internal_positions = torch.arange(layout.internal_length, device=inputs_embeds.device)[None]
+                internal_positions = torch.arange(layout.internal_length, device=internal_embeds.device)[None]
                 outputs = super().forward(
                     inputs_embeds=internal_embeds, position_ids=internal_positions, use_cache=False, **kwargs
                 )
@@ -524,9 +529,12 @@ class LandmarkLlamaModel(LandmarkLlamaPreTrainedModel, LlamaModel):
         chunk_length = cache.settings.prefill_chunk_length
         total = internal_embeds.shape[1]
         cache.reserve(total + chunk_length)  # the stores are allocated once for the whole input
-        if cache.settings.offload_to_cpu and not per_layer_outputs:
+        if not cache.settings.offload_to_cpu:
+            pass_length = self._prefill_pass_length(cache, internal_embeds)
+        elif total > chunk_length and not per_layer_outputs:
             return self._forward_layer_major(internal_embeds, lengths, cache, **kwargs)
-        pass_length = self._prefill_pass_length(cache, internal_embeds)
+        else:  # one chunk (exact decoding steps), or chunk by chunk through every layer, each chunk staging anew
+            pass_length = chunk_length
         last_hidden, hidden_states = [], []
         for begin in range(0, total, pass_length):
             chunk = internal_embeds[:, begin : begin + pass_length]
@@ -560,8 +568,7 @@ class LandmarkLlamaModel(LandmarkLlamaPreTrainedModel, LlamaModel):
         chunk_length, settings = cache.settings.prefill_chunk_length, cache.settings
         config = self.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        if (settings.retrieval_granularity != "token" or settings.offload_to_cpu
-                or not _use_triton(config, internal_embeds.device, head_dim, 0.0)):
+        if settings.retrieval_granularity != "token" or not _use_triton(config, internal_embeds.device, head_dim, 0.0):
             return chunk_length
         batch, total = internal_embeds.shape[:2]
         # per query and head: a score per block, and a gate and mix per retrieved block (the retrieval's shares)
@@ -572,35 +579,38 @@ class LandmarkLlamaModel(LandmarkLlamaPreTrainedModel, LlamaModel):
         return chunk_length * max(chunks, 1)
 
     def _forward_layer_major(self, internal_embeds, lengths, cache, **kwargs):
-        """The stack over an input continuing an offloaded cache, layer by layer: every chunk through one layer before
-        the next, which gives each chunk what the chunk-by-chunk order gives it (a layer's chunk depends on the layer
-        below at that chunk and on its own earlier chunks). One layer's blocks are on the device at a time
-        (`BlockStager`), so a prompt's keys and values travel to the host once and never back."""
+        """The stack over an input continuing an offloaded cache, layer by layer: every pass through one layer before
+        the next, which gives each pass what the pass-by-pass order gives it (a layer's pass depends on the layer
+        below at that pass and on its own earlier passes). Passes are as wide as on the device
+        (`_prefill_pass_length`). One layer's blocks are on the device at a time (`BlockStager`, the held layer's
+        local store), so a prompt's keys and values travel to the host once and never back."""
         chunk_length = cache.settings.prefill_chunk_length
-        chunks = cache.plan_chunks(lengths, chunk_length, internal_embeds.shape[1])
-        if not chunks:  # every new token was padding
+        pass_length = self._prefill_pass_length(cache, internal_embeds)
+        passes = cache.plan_chunks(lengths, pass_length, internal_embeds.shape[1], chunk_length)
+        if not passes:  # every new token was padding
             return BaseModelOutputWithPast(last_hidden_state=internal_embeds)
-        at_zero = torch.zeros(1, chunk_length, dtype=torch.long, device=internal_embeds.device)
-        # two buffers of the whole input's hidden states, each layer reading one and writing the other
-        hidden, written, rotations = internal_embeds, torch.empty_like(internal_embeds), {}
+        at_zero = torch.zeros(1, pass_length, dtype=torch.long, device=internal_embeds.device)
+        starts = cache.internal_lengths.clone()
+        ends, rotations = starts + lengths, {}
+        # one buffer of the input's hidden states, overwritten pass by pass: a layer's later passes read only their own
+        hidden = internal_embeds
         for decoder_layer in self.layers[: self.config.num_hidden_layers]:
-            cache.stager.hold(cache.layers[decoder_layer.self_attn.layer_idx], chunks[0][1].most_blocks)
-            for begin, chunk in chunks:
-                states = hidden[:, begin : begin + chunk_length]
+            cache.stager.hold(cache.layers[decoder_layer.self_attn.layer_idx], passes[0][1].most_blocks, starts)
+            for begin, chunk in passes:
+                states = hidden[:, begin : begin + pass_length]
                 width = states.shape[1]
                 if width not in rotations:  # RoPE at position 0: the retrieval attention rotates by itself
                     rotations[width] = self.rotary_emb(states, at_zero[:, :width])
                 cache.chunk = chunk
-                written[:, begin : begin + width] = decoder_layer(
+                hidden[:, begin : begin + width] = decoder_layer(
                     states, attention_mask=None, position_ids=at_zero[:, :width], position_embeddings=rotations[width],
                     retrieval_cache=cache, **kwargs,
                 )
-            hidden, written = written, hidden
-        del written
-        cache.finish_chunks(lengths, len(chunks))
-        # the final norm in place, a chunk at a time: its fp32 copies of a whole prompt were the prefill's peak
-        for begin in range(0, hidden.shape[1], chunk_length):
-            hidden[:, begin : begin + chunk_length] = self.norm(hidden[:, begin : begin + chunk_length])
+            cache.stager.settle(ends)
+        cache.finish_chunks(lengths, len(passes))
+        # the final norm in place, a pass at a time: its fp32 copies of a whole prompt were the prefill's peak
+        for begin in range(0, hidden.shape[1], pass_length):
+            hidden[:, begin : begin + pass_length] = self.norm(hidden[:, begin : begin + pass_length])
         return BaseModelOutputWithPast(last_hidden_state=hidden)
 
 
