@@ -597,7 +597,7 @@ class BlockStager:
     def settle(self, ends):
         """The held local store's tails (each row's block at `ends` [batch] // block_size) back into the layer's ring,
         where the passes after this forward read them."""
-        self._tails(ends, to_ring=True)
+        self._tails(*self.buffers(), ends, to_ring=True)
 
     def buffers(self):
         """(keys, values): the held layer's blocks, [batch, capacity, kv_heads, block_size, head_dim]."""
@@ -619,16 +619,16 @@ class BlockStager:
                 unwritten = torch.arange(self.loaded, device=layer.device) >= complete[:, None]
                 for buffer in (self.keys, self.values):
                     buffer[:, : self.loaded].masked_fill_(unwritten[..., None, None, None], 0.0)
-                self._tails(self.starts, to_ring=False)
+                self._tails(self.keys, self.values, self.starts, to_ring=False)
         if self.keys.shape != layer.keys.shape:
             raise RuntimeError("the offloaded layer grew while its blocks were held on the device; the cache plans "
                                "its capacity before a forward, so this is a bug: please report it.")
         return self.keys, self.values
 
-    def _tails(self, lengths, to_ring):
-        """Each row's tail block (at `lengths` [batch] // block_size) between the held layer's ring and here."""
+    def _tails(self, keys, values, lengths, to_ring):
+        """Each row's tail block (at `lengths` [batch] // block_size) between the held layer's ring and `keys`,
+        `values` (this buffer)."""
         layer = self.layer
-        keys, values = self.buffers()
         tail = (lengths // layer.block_size)[:, None, None].expand(-1, keys.shape[2], 1)
         in_ring = tail % layer.ring_keys.shape[1]
         for here, ring in ((keys, layer.ring_keys), (values, layer.ring_values)):
@@ -716,8 +716,8 @@ class OffloadedCacheLayer(LandmarkCacheLayer):
             return (torch.where(done, local_index, -1)[:, None].expand(-1, heads, -1),
                     written[:, None].expand(-1, heads, -1))
 
-        source, target = chunk.once(("completed blocks", self.local_keys.shape[1]), completed)
         local_keys, local_values = self._local()
+        source, target = chunk.once(("completed blocks", local_keys.shape[1]), completed)
         copy_blocks(local_keys, self.keys, source, target)
         copy_blocks(local_values, self.values, source, target)
         self.stager.append(self, source, target)
