@@ -54,7 +54,7 @@ status=0
 for step in $steps; do
     case $step in
         tests) timeout 540 python -m pytest -q -m cuda -rA tests/test_kernels.py tests/test_retrieval_kernel.py \
-                   tests/test_gpu_model.py ${TESTS_FILTER:+-k "$TESTS_FILTER"} 2>&1 | tee "$out_dir/tests.log" \
+                   tests/test_block_selection.py tests/test_gpu_model.py ${TESTS_FILTER:+-k "$TESTS_FILTER"} 2>&1 | tee "$out_dir/tests.log" \
                    || status=1 ;;
         generate) timeout 570 python benchmarks/generate.py --out "$out_dir/generate" ${GENERATE_OPTIONS:-} 2>&1 \
                    | tee -a "$out_dir/generate.log" || status=1 ;;

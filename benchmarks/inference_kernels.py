@@ -7,9 +7,10 @@ Llama 2 7B attention (32 query heads of 128, bf16), block 64, top-k 4, stingy po
 random keys. Prefill: a pass of `--width` internal positions (chunks of 192) at its end. The selection runs on the
 kernels (its blocks come from random scores: every query picks its own; the attention reads each retrieved block
 once for all the queries that picked it); a second table gives every query of a chunk the same blocks (a trained
-model's queries agree far more than random ones). `--decode`: one query a row (`--width` rows), the selection
-(scoring tile and warps, the top k's blocks a warp) and the spread attention (warps), timed in CUDA graphs as a
-captured decoding step runs them. Each setting's output is checked against the first's.
+model's queries agree far more than random ones). `--decode`: two queries a head and row (`--width` rows), the
+selection (on the tensor cores or not, scoring tile, programs and warps, the top k's blocks a warp) and the spread
+attention (warps), timed in CUDA graphs as a captured decoding step runs them. Each setting's output is checked
+against the first's.
 Writes OUT_DIR/prefill_kernels.json or OUT_DIR/decode_kernels.json.
 """
 
@@ -62,9 +63,9 @@ def record(results, **row):
 
 
 def decode(args, store, results):
-    """One decoding step of `--width` rows, a query each."""
+    """One decoding step of `--width` rows, two queries a head (a step's token and its landmark slot)."""
     query, keys, values, landmarks, inv_freq, row_start, num_blocks = store
-    query = query[:, :, -1:].expand(args.width, -1, -1, -1).contiguous()
+    query = query[:, :, -2:].expand(args.width, -1, -1, -1).contiguous()
     keys, values, landmarks = (t.expand(args.width, *t.shape[1:]) for t in (keys, values, landmarks))
     row_start = row_start.expand(args.width).contiguous()
     scale = HEAD_DIM ** -0.5
@@ -73,23 +74,32 @@ def decode(args, store, results):
         return selection.select_blocks(query, landmarks, keys[:, :, :, -1], row_start, num_blocks, BLOCK_SIZE,
                                        TOP_K, True, inv_freq, scale, 1e-5)
 
+    names = ("DECODE_ON_TENSOR_CORES", "DECODE_SCORE_TILE", "DECODE_SCORE_PROGRAMS")
+    shipped = [getattr(selection, name) for name in names] + [selection.SCORE_WARPS["decoding"],
+                                                              selection.TOP_K_BLOCKS_PER_WARP["decoding"]]
+    # the scoring's settings at the shipped top k (first: a head's queries on the CUDA cores, a program a tile), then
+    # the top k's at the shipped scoring
+    settings = [(False, 32, None, 1, shipped[4])]
+    settings += [(False, 32, programs, 1, shipped[4]) for programs in (1024, 2048, 4096)]
+    settings += [(True, tile, programs, warps, shipped[4]) for tile in (32, 64, 128) for warps in (1, 2, 4)
+                 for programs in (512, 1024, 4096, None)]
+    settings += [(*shipped[:4], per_warp) for per_warp in (128, 256, 512)]
     reference = None
-    shipped = (selection.DECODE_SCORE_TILE, selection.SCORE_WARPS["decoding"],
-               selection.TOP_K_BLOCKS_PER_WARP["decoding"])
-    # the scoring's settings at the shipped top k, then the top k's at the shipped scoring
-    settings = [(tile, warps, shipped[2]) for tile in (32, 64, 128, 256) for warps in (1, 2, 4, 8)]
-    settings += [(*shipped[:2], per_warp) for per_warp in (64, 128, 512)]
-    for tile, warps, per_warp in settings:
-        selection.DECODE_SCORE_TILE, selection.SCORE_WARPS["decoding"] = tile, warps
-        selection.TOP_K_BLOCKS_PER_WARP["decoding"] = per_warp
+    for setting in settings:
+        for name, value in zip(names, setting):
+            setattr(selection, name, value)
+        selection.SCORE_WARPS["decoding"], selection.TOP_K_BLOCKS_PER_WARP["decoding"] = setting[3:]
         picked = select()
         reference = picked if reference is None else reference
         same = all(torch.equal(a, b) for a, b in zip(picked, reference))
-        record(results, kernel="select_blocks", score_tile=tile, score_warps=warps, top_k_blocks_per_warp=per_warp,
+        record(results, kernel="select_blocks", tensor_cores=setting[0], score_tile=setting[1],
+               score_programs=setting[2], score_warps=setting[3], top_k_blocks_per_warp=setting[4],
                us=1e3 * do_bench_cudagraph(select), same=same)
-    (selection.DECODE_SCORE_TILE, selection.SCORE_WARPS["decoding"],
-     selection.TOP_K_BLOCKS_PER_WARP["decoding"]) = shipped
-    record(results, kernel="select_blocks", split=kernel_times(select))
+    for name, value in zip(names, shipped):
+        setattr(selection, name, value)
+    selection.SCORE_WARPS["decoding"], selection.TOP_K_BLOCKS_PER_WARP["decoding"] = shipped[3:]
+    record(results, kernel="select_blocks", split=kernel_times(select),
+           scoring_resources=resources(selection._landmark_scores_kernel))
     selected, valid, starts = reference
     table = torch.where(valid, selected, -1)
     expected = None
@@ -180,7 +190,7 @@ def main():
     args.width = args.width or (1 if args.decode else 4096)
     torch.manual_seed(0)
     device, dtype = "cuda", torch.bfloat16
-    width = 1 if args.decode else args.width
+    width = 2 if args.decode else args.width  # a decoding step: its token and landmark slot
     capacity = args.prompt // (BLOCK_SIZE - 1) + 2
     row_start = torch.tensor([(capacity - 1) * BLOCK_SIZE - width], device=device)
     keys = torch.randn(1, capacity, args.kv_heads, BLOCK_SIZE, HEAD_DIM, device=device, dtype=dtype)

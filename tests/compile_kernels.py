@@ -106,18 +106,32 @@ INFERENCE_KERNELS = {
              DOT_PRECISION="tf32", UPCAST_DOT=False), retrieval.TILES_WARPS),
     "retrieval_merge": (
         retrieval._merge_splits_kernel, dict(partial="fp32", out="bf16"), dict(HALF=64, HALF_PAD=64, SPLITS=8), 1),
-    "block_scores": (
+    "block_scores": (  # a pass of 3-15 queries a head
         block_selection._landmark_scores_kernel,
         dict(q="bf16", landmarks="bf16", in_block="bf16", row_start="i64", inv_freq="fp32", scratch="fp32",
              tile_stats="fp32"),
-        dict(KV_GROUP=4, STINGY=True, BLOCK_SIZE=64, HALF=64, BLOCK_M=16, TILE=32, DK=8, USE_DOT=False, SPLIT=True,
-             NATIVE_DOT=False, UPCAST_DOT=False), 4),
+        dict(KV_GROUP=4, HEADS=1, STINGY=True, BLOCK_SIZE=64, HALF=64, BLOCK_M=16, TILE=32, DK=8, USE_DOT=False,
+             SPLIT=True, NATIVE_DOT=False, UPCAST_DOT=False, LOOP_TILES=True), 1),
+    "block_scores_decoding": (  # two queries a head, the settings shipped
+        block_selection._landmark_scores_kernel,
+        dict(q="bf16", landmarks="bf16", in_block="bf16", row_start="i64", inv_freq="fp32", scratch="fp32",
+             tile_stats="fp32"),
+        dict(KV_GROUP=4, HEADS=1, STINGY=True, BLOCK_SIZE=64, HALF=64, BLOCK_M=2,
+             TILE=block_selection.DECODE_SCORE_TILE, DK=64, USE_DOT=False, SPLIT=True, NATIVE_DOT=False,
+             UPCAST_DOT=False, LOOP_TILES=True), block_selection.SCORE_WARPS["decoding"]),
+    "block_scores_decoding_tensor_cores": (  # two queries of a group's four heads together
+        block_selection._landmark_scores_kernel,
+        dict(q="bf16", landmarks="bf16", in_block="bf16", row_start="i64", inv_freq="fp32", scratch="fp32",
+             tile_stats="fp32"),
+        dict(KV_GROUP=4, HEADS=4, STINGY=True, BLOCK_SIZE=64, HALF=64, BLOCK_M=16,
+             TILE=block_selection.DECODE_SCORE_TILE, DK=64, USE_DOT=True, SPLIT=True, NATIVE_DOT=True,
+             UPCAST_DOT=False, LOOP_TILES=True), block_selection.SCORE_WARPS["decoding"]),
     "block_scores_tensor_cores": (  # a prefill pass
         block_selection._landmark_scores_kernel,
         dict(q="bf16", landmarks="bf16", in_block="bf16", row_start="i64", inv_freq="fp32", scratch="fp32",
              tile_stats="fp32"),
-        dict(KV_GROUP=4, STINGY=True, BLOCK_SIZE=64, HALF=64, BLOCK_M=64, TILE=64, DK=64, USE_DOT=True, SPLIT=True,
-             NATIVE_DOT=True, UPCAST_DOT=False), 4),
+        dict(KV_GROUP=4, HEADS=1, STINGY=True, BLOCK_SIZE=64, HALF=64, BLOCK_M=64, TILE=64, DK=64, USE_DOT=True,
+             SPLIT=True, NATIVE_DOT=True, UPCAST_DOT=False, LOOP_TILES=False), block_selection.SCORE_WARPS["prefill"]),
     "block_top_k": (
         block_selection._top_blocks_kernel,
         dict(scratch="fp32", tile_stats="fp32", row_start="i64", selected="i64", valid="i1", starts="i64"),

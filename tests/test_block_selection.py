@@ -11,11 +11,11 @@ from landmark_llama.kernels import block_selection
 from landmark_llama.cache_landmark_llama import ChunkPositions, LandmarkCacheLayer, RetrievalSettings
 
 
-def _layer(batch, kv_heads, capacity, block_size, head_dim, generator, dtype=torch.float32, like=None):
+def _layer(batch, kv_heads, capacity, block_size, head_dim, generator, dtype=torch.float32, like=None, device="cpu"):
     """A layer's stores of random keys, or of `like`'s keys in `dtype`."""
     layer = LandmarkCacheLayer(block_size)
     layer.planned_blocks = capacity
-    empty = torch.zeros(batch, kv_heads, 1, head_dim, dtype=dtype)
+    empty = torch.zeros(batch, kv_heads, 1, head_dim, dtype=dtype, device=device)
     layer.lazy_initialization(empty, empty)
     layer.keys.copy_(torch.randn(layer.keys.shape, generator=generator) if like is None else like.keys)
     layer.landmarks.copy_(torch.randn(layer.landmarks.shape, generator=generator) if like is None else like.landmarks)
@@ -24,18 +24,26 @@ def _layer(batch, kv_heads, capacity, block_size, head_dim, generator, dtype=tor
 
 @pytest.mark.parametrize("positions", ["stingy", "true"])
 @pytest.mark.parametrize(
-    "batch, q_heads, kv_heads, width, head_dim, block_size, top_k, capacity, candidate_blocks",
+    "batch, q_heads, kv_heads, width, head_dim, block_size, top_k, capacity, candidate_blocks, decoding",
     [
-        (3, 4, 2, 3, 16, 8, 3, 20, None),  # GQA; rows with 0, 2 (< k) and many blocks
-        (2, 3, 1, 2, 80, 7, 4, 9, None),  # head_dim and block size no powers of two
-        (1, 2, 2, 1, 32, 51, 2, 300, None),  # the paper's block size, one query, more blocks than a score tile
-        (2, 2, 1, 21, 12, 4, 1, 150, 1),  # a chunk of two query tiles; rows of three score tiles, groups of two
+        (3, 4, 2, 3, 16, 8, 3, 20, None, None),  # GQA; rows with 0, 2 (< k) and many blocks
+        (2, 3, 1, 2, 80, 7, 4, 9, None, None),  # head_dim and block size no powers of two
+        (1, 2, 2, 1, 32, 51, 2, 300, None, None),  # the paper's block size, one query, more blocks than a score tile
+        (2, 2, 1, 21, 12, 4, 1, 150, 1, None),  # a chunk of two query tiles; rows of three score tiles, groups of two
+        # decoding steps of GQA with fewer scoring programs than tiles of blocks: a group's heads scored together
+        # on the tensor cores (4 of a group of 4, 2 of a group of 6), or a head's on the CUDA cores
+        (2, 8, 2, 2, 16, 4, 3, 140, None, dict(DECODE_SCORE_PROGRAMS=3, DECODE_ON_TENSOR_CORES=True)),
+        (1, 12, 2, 1, 8, 8, 2, 100, None, dict(DECODE_SCORE_PROGRAMS=1, DECODE_ON_TENSOR_CORES=True)),
+        (2, 8, 2, 2, 16, 4, 3, 140, None, dict(DECODE_SCORE_PROGRAMS=5, DECODE_ON_TENSOR_CORES=False)),
     ],
 )
 def test_fused_selection_equals_the_pytorch_selection(positions, batch, q_heads, kv_heads, width, head_dim,
-                                                      block_size, top_k, capacity, candidate_blocks, monkeypatch):
+                                                      block_size, top_k, capacity, candidate_blocks, decoding,
+                                                      monkeypatch):
     if candidate_blocks is not None:  # groups of the fewest candidate tiles, at a size the interpreter runs quickly
         monkeypatch.setattr(block_selection, "CANDIDATE_BLOCKS", candidate_blocks)
+    for name, value in (decoding or {}).items():  # a decoding step's launch settings
+        monkeypatch.setattr(block_selection, name, value)
     generator = torch.Generator().manual_seed(capacity + width)
     layer = _layer(batch, kv_heads, capacity, block_size, head_dim, generator)
     complete = torch.randint(capacity // 2, capacity - 1, (batch,), generator=generator)
@@ -118,3 +126,32 @@ def test_pass_of_several_chunks_selects_as_passes_of_one_chunk(positions, width,
         picked = expected.valid
         assert torch.equal(fused.blocks[:, :, rows, :places][picked], expected.blocks[picked])
         assert torch.equal(fused.starts[:, :, rows, :places][picked], expected.starts[picked])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("kv_heads, width", [(8, 2), (32, 2), (8, 1)])
+@pytest.mark.parametrize("tensor_cores, programs", [(False, None), (True, 512)])
+def test_decoding_selection_on_cuda_equals_the_pytorch_selection(dtype, kv_heads, width, tensor_cores, programs,
+                                                                 monkeypatch):
+    """A decoding step at the real shape (32 query heads of 128, block 64, top-k 4, 3,000 blocks a row) on the GPU,
+    in the shipped launch settings and the candidate ones (a group's heads scored together on the tensor cores,
+    programs looping over block tiles): the compiled kernels pick the blocks the PyTorch selection picks, for both
+    stingy and true positions."""
+    monkeypatch.setattr(block_selection, "DECODE_ON_TENSOR_CORES", tensor_cores)
+    monkeypatch.setattr(block_selection, "DECODE_SCORE_PROGRAMS", programs)
+    batch, q_heads, head_dim, block_size, capacity = 2, 32, 128, 64, 3000
+    generator = torch.Generator().manual_seed(kv_heads + width)
+    layer = _layer(batch, kv_heads, capacity, block_size, head_dim, generator, dtype, device="cuda")
+    start = torch.tensor([capacity - 2, capacity // 3], device="cuda") * block_size + 5
+    chunk = ChunkPositions(start, torch.full((batch,), width, device="cuda"), capacity - 1, block_size - 1,
+                           torch.tensor(0, device="cuda"))
+    query = torch.randn(batch, q_heads, width, head_dim, generator=generator).to("cuda", dtype)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, device="cuda").float() / head_dim))
+    for positions in ("stingy", "true"):
+        settings = RetrievalSettings(4, "token", positions, 10, True, False)
+        expected = layer.retrieve(query, chunk, settings, inv_freq, head_dim ** -0.5)
+        fused = layer.retrieve(query, chunk, settings, inv_freq, head_dim ** -0.5, use_kernel=True)
+        assert torch.equal(fused.valid, expected.valid) and expected.valid.all()
+        assert torch.equal(fused.blocks, expected.blocks)
+        assert torch.equal(fused.starts, expected.starts)

@@ -16,18 +16,19 @@ It computes what `cache_landmark_llama.LandmarkCacheLayer.retrieve` computes wit
 A wide prefill pass selects for several chunks of `chunk_length` queries at once: each query among the blocks
 complete at its own chunk's start, with that chunk's stingy window, as if each chunk ran as a pass of its own.
 
-Layout. Two kernels, so that a decoding step (one query a head) still spreads over the GPU:
-  * scores: one program per tile of queries of one head and tile of blocks. The queries of a tile share each
-    landmark key they load (a prefill chunk's 16), and each block is read from the one store that scores it; the
-    scores go to a scratch row per query and head.
+Layout. Two kernels, so that a decoding step (two queries a head) still spreads over the GPU:
+  * scores: one program per tile of queries of one head (or of the heads of a key/value group) and tile of blocks.
+    The queries of a tile share each landmark key they load (a prefill chunk's 16), and each block is read from the
+    one store that scores it; the scores go to a scratch row per query and head. A decoding step's programs may each
+    loop over several tiles of blocks.
   * top k: one program per scratch row. The scoring also wrote each query's highest score and largest magnitude
     a tile; the k tiles of the highest maxima hold k scores at least the k-th of those maxima, so every pick and
     every tie lies in a tile whose maximum reaches it less the tie margin. Those tiles' scores, in block order and
     held in registers (a group of them at a time where near ties make many), give the k-th highest by k counting
     passes, then the blocks above it and the ties in block order.
-Scores are as exact as fp32 products, like the PyTorch selection's: summed on the CUDA cores for a decoding step; on
-the tensor cores for a prefill pass, 16-bit keys against 16-bit queries as they are (exact products) and against fp32
-(rotated) queries in three 16-bit parts, fp32 keys through 3xTF32.
+Scores are as exact as fp32 products, like the PyTorch selection's: summed on the CUDA cores (a decoding step by
+default); on the tensor cores (a prefill pass), 16-bit keys against 16-bit queries as they are (exact products) and
+against fp32 (rotated) queries in three 16-bit parts, fp32 keys through 3xTF32.
 """
 
 import torch
@@ -56,6 +57,12 @@ TOP_K_BLOCKS_PER_WARP = dict(decoding=256, prefill=512)
 # 64, 31.3 at 128)
 DECODE_SCORE_TILE = 32
 SCORE_WARPS = dict(decoding=1, prefill=4)
+# Candidates for a decoding step, not yet measured on a GPU (benchmarks/inference_kernels.py --decode sweeps them): the
+# heads of a key/value group scored together on the tensor cores, and at most this many scoring programs in all,
+# each looping over tiles of blocks (None: a program a tile). At 512k a step's 8,192 one-warp programs a layer run at
+# about 8 a multiprocessor (234 registers a thread, ptxas for sm_90): some five waves.
+DECODE_ON_TENSOR_CORES = False
+DECODE_SCORE_PROGRAMS = None
 # sizes that change with the prompt and the pass, never specialised on (a new prompt length compiles nothing new)
 SCORE_SIZES = ["q_heads", "n", "chunk_length", "num_blocks", "top_k"]
 
@@ -98,92 +105,122 @@ def _landmark_scores_kernel(
     stride_lb, stride_lc, stride_lh,
     stride_ib, stride_ic, stride_ih,
     q_heads, n, chunk_length, num_blocks, top_k, scale, row_stride, stats_stride, stats_rows,
-    KV_GROUP: tl.constexpr, STINGY: tl.constexpr, BLOCK_SIZE: tl.constexpr, HALF: tl.constexpr,
-    BLOCK_M: tl.constexpr, TILE: tl.constexpr, DK: tl.constexpr, USE_DOT: tl.constexpr, SPLIT: tl.constexpr,
-    NATIVE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    KV_GROUP: tl.constexpr, HEADS: tl.constexpr, STINGY: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_M: tl.constexpr, TILE: tl.constexpr, DK: tl.constexpr, USE_DOT: tl.constexpr,
+    SPLIT: tl.constexpr, NATIVE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr, LOOP_TILES: tl.constexpr,
 ):
-    """Scores of BLOCK_M queries of one head against TILE blocks -> scratch rows of `row_stride` (num_blocks rounded up
-    to a multiple of 16, so that the rows stay aligned for vector stores and loads whatever the block count), and
-    each query's highest score and largest magnitude in the tile -> tile_stats [2, rows, stats_stride]. Only a
-    query's complete blocks are written: the top k reads no further."""
-    i_t = tl.program_id(1)
-    i_b = tl.program_id(2) // q_heads
-    i_h = tl.program_id(2) % q_heads
-    i_kv = i_h // KV_GROUP
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    """Scores of a tile of BLOCK_M (query, head) rows against tiles of TILE blocks -> scratch rows of `row_stride`
+    (num_blocks rounded up to a multiple of 16, so that the rows stay aligned for vector stores and loads whatever
+    the block count), and each row's highest score and largest magnitude in each tile -> tile_stats [2, rows,
+    stats_stride]. The rows are BLOCK_M // HEADS queries of HEADS heads that share a key/value head (a decoding
+    step's few queries: the heads share each landmark key they load). Only a query's complete blocks are written: the
+    top k reads no further."""
+    QUERIES: tl.constexpr = BLOCK_M // HEADS
+    i_b = tl.program_id(2) // (q_heads // HEADS)
+    first_head = tl.program_id(2) % (q_heads // HEADS) * HEADS
+    i_kv = first_head // KV_GROUP
+    tile = tl.arange(0, BLOCK_M)
+    rows = tl.program_id(0) * QUERIES + tile % QUERIES
     row_in = rows < n
-    first = i_t * TILE
-    c = first + tl.arange(0, TILE)
     # complete blocks each query selects among: those before the start of its chunk
     complete = tl.where(row_in, _chunk_first_block(tl.load(row_start + i_b), rows, chunk_length, BLOCK_SIZE), 0)
     most = tl.max(complete, 0)
-    if first < most:  # some query of the tile has blocks here
-        recent_from = complete - tl.minimum(complete, top_k)  # blocks before it are older than the k most recent
-        exists = c[None, :] < complete[:, None]
-        if STINGY:
-            recent = exists & (c[None, :] >= recent_from[:, None])
-            older = c[None, :] < recent_from[:, None]
-            window_start = ((recent_from - 1) * BLOCK_SIZE)[:, None]
-            older_bound = tl.max(recent_from, 0)  # no query of the tile scores an older block from here on
-            any_older = first < older_bound
-            least_recent = tl.min(tl.where(row_in, recent_from, most), 0)
-            # the queries of a tile within one chunk share its window: one angle a dimension, not one a query
-            most_recent = tl.max(tl.where(row_in, recent_from, 0), 0)
-            one_window = least_recent == most_recent
-            shared_start = (most_recent - 1) * BLOCK_SIZE
-        else:  # every complete block is scored at its true position
-            recent = exists
-            least_recent = 0
-        any_recent = first + TILE > least_recent  # some query of the tile scores a block of it at its true position
-        recent_any = (c < most) & (c >= least_recent)
-        p_q = q + i_b.to(tl.int64) * stride_qb + i_h * stride_qh + rows[:, None].to(tl.int64) * stride_qn
-        p_l = landmarks + i_b.to(tl.int64) * stride_lb + i_kv * stride_lh + c[:, None].to(tl.int64) * stride_lc
-        p_i = in_block + i_b.to(tl.int64) * stride_ib + i_kv * stride_ih + c[:, None].to(tl.int64) * stride_ic
+    if HEADS == 1:  # one head's queries: its offsets are scalars
+        head = first_head
+        p_q = q + i_b.to(tl.int64) * stride_qb + head * stride_qh + rows[:, None].to(tl.int64) * stride_qn
+    else:
+        head = first_head + tile // QUERIES
+        p_q = q + i_b.to(tl.int64) * stride_qb + head[:, None] * stride_qh + rows[:, None].to(tl.int64) * stride_qn
+    row_head = i_b * q_heads + head  # each row's head among all rows' (batch, head)
+    if LOOP_TILES:  # tiles j, j + the programs of axis 1, ... for its program j
+        for i_t in range(tl.program_id(1), tl.cdiv(most, TILE), tl.num_programs(1)):
+            _score_tile(i_t, p_q, landmarks, in_block, inv_freq, scratch, tile_stats, i_b, i_kv, row_head, n, rows,
+                        row_in, complete, most, stride_lb, stride_lc, stride_lh, stride_ib, stride_ic, stride_ih,
+                        num_blocks, top_k, scale, row_stride, stats_stride, stats_rows, STINGY, BLOCK_SIZE, HALF,
+                        BLOCK_M, TILE, DK, USE_DOT, SPLIT, NATIVE_DOT, UPCAST_DOT)
+    elif tl.program_id(1) * TILE < most:  # tile j for program j (a prefill pass: straight-line code spills less)
+        _score_tile(tl.program_id(1), p_q, landmarks, in_block, inv_freq, scratch, tile_stats, i_b, i_kv, row_head,
+                    n, rows, row_in, complete, most, stride_lb, stride_lc, stride_lh, stride_ib, stride_ic, stride_ih,
+                    num_blocks, top_k, scale, row_stride, stats_stride, stats_rows, STINGY, BLOCK_SIZE, HALF, BLOCK_M,
+                    TILE, DK, USE_DOT, SPLIT, NATIVE_DOT, UPCAST_DOT)
 
-        # a block is scored by one landmark key per query: true-position and window products apart, then picked
-        true_score = tl.zeros([BLOCK_M, TILE], dtype=tl.float32)
-        window_score = tl.zeros([BLOCK_M, TILE], dtype=tl.float32)
-        for d0 in range(0, HALF, DK):  # the dimensions in slices, as [BLOCK_M, TILE, DK] products
-            d = d0 + tl.arange(0, DK)
-            in_half = d < HALF
-            q_mask = row_in[:, None] & in_half[None, :]
-            q1 = tl.load(p_q + d[None, :], mask=q_mask, other=0.0)
-            q2 = tl.load(p_q + HALF + d[None, :], mask=q_mask, other=0.0)
-            if any_recent:
-                mask = recent_any[:, None] & in_half[None, :]
-                l1 = tl.load(p_l + d[None, :], mask=mask, other=0.0)
-                l2 = tl.load(p_l + HALF + d[None, :], mask=mask, other=0.0)
-                if NATIVE_DOT:  # queries in the keys' 16-bit dtype: exact products as they are
-                    true_score += _native_scores(q1, q2, l1, l2, UPCAST_DOT)
-                else:
-                    true_score += _fp32_scores(q1.to(tl.float32), q2.to(tl.float32), l1, l2, USE_DOT, SPLIT,
-                                               UPCAST_DOT)
-            if STINGY:
-                if any_older:  # the tile holds older blocks, scored in each query's window
-                    freq = tl.load(inv_freq + d, mask=in_half, other=0.0)[None, :]
-                    if one_window:
-                        cos, sin = _cos_sin(-(shared_start * 1.0) * freq)
-                        cos, sin = tl.broadcast_to(cos, [BLOCK_M, DK]), tl.broadcast_to(sin, [BLOCK_M, DK])
-                    else:
-                        cos, sin = _cos_sin(-(window_start * 1.0) * freq)
-                    r1, r2 = _turn(q1.to(tl.float32), q2.to(tl.float32), cos, sin)
-                    mask = (c < older_bound)[:, None] & in_half[None, :]
-                    i1 = tl.load(p_i + d[None, :], mask=mask, other=0.0)
-                    i2 = tl.load(p_i + HALF + d[None, :], mask=mask, other=0.0)
-                    window_score += _fp32_scores(r1, r2, i1, i2, USE_DOT, SPLIT, UPCAST_DOT)
+
+@triton.jit
+def _score_tile(
+    i_t, p_q, landmarks, in_block, inv_freq, scratch, tile_stats, i_b, i_kv, row_head, n, rows, row_in, complete,
+    most, stride_lb, stride_lc, stride_lh, stride_ib, stride_ic, stride_ih, num_blocks, top_k, scale, row_stride,
+    stats_stride, stats_rows, STINGY: tl.constexpr, BLOCK_SIZE: tl.constexpr, HALF: tl.constexpr,
+    BLOCK_M: tl.constexpr, TILE: tl.constexpr, DK: tl.constexpr, USE_DOT: tl.constexpr, SPLIT: tl.constexpr,
+    NATIVE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """Tile i_t of blocks of `_landmark_scores_kernel`'s rows, which some row has."""
+    first = i_t * TILE
+    c = first + tl.arange(0, TILE)
+    recent_from = complete - tl.minimum(complete, top_k)  # blocks before it are older than the k most recent
+    exists = c[None, :] < complete[:, None]
+    if STINGY:
+        recent = exists & (c[None, :] >= recent_from[:, None])
+        older = c[None, :] < recent_from[:, None]
+        window_start = ((recent_from - 1) * BLOCK_SIZE)[:, None]
+        older_bound = tl.max(recent_from, 0)  # no query of the tile scores an older block from here on
+        any_older = first < older_bound
+        least_recent = tl.min(tl.where(row_in, recent_from, most), 0)
+        # the queries of a tile within one chunk share its window: one angle a dimension, not one a query
+        most_recent = tl.max(tl.where(row_in, recent_from, 0), 0)
+        one_window = least_recent == most_recent
+        shared_start = (most_recent - 1) * BLOCK_SIZE
+    else:  # every complete block is scored at its true position
+        recent = exists
+        least_recent = 0
+    any_recent = first + TILE > least_recent  # some query of the tile scores a block of it at its true position
+    recent_any = (c < most) & (c >= least_recent)
+    p_l = landmarks + i_b.to(tl.int64) * stride_lb + i_kv * stride_lh + c[:, None].to(tl.int64) * stride_lc
+    p_i = in_block + i_b.to(tl.int64) * stride_ib + i_kv * stride_ih + c[:, None].to(tl.int64) * stride_ic
+
+    # a block is scored by one landmark key per query: true-position and window products apart, then picked
+    true_score = tl.zeros([BLOCK_M, TILE], dtype=tl.float32)
+    window_score = tl.zeros([BLOCK_M, TILE], dtype=tl.float32)
+    for d0 in range(0, HALF, DK):  # the dimensions in slices, as [BLOCK_M, TILE, DK] products
+        d = d0 + tl.arange(0, DK)
+        in_half = d < HALF
+        q_mask = row_in[:, None] & in_half[None, :]
+        q1 = tl.load(p_q + d[None, :], mask=q_mask, other=0.0)
+        q2 = tl.load(p_q + HALF + d[None, :], mask=q_mask, other=0.0)
+        if any_recent:
+            mask = recent_any[:, None] & in_half[None, :]
+            l1 = tl.load(p_l + d[None, :], mask=mask, other=0.0)
+            l2 = tl.load(p_l + HALF + d[None, :], mask=mask, other=0.0)
+            if NATIVE_DOT:  # queries in the keys' 16-bit dtype: exact products as they are
+                true_score += _native_scores(q1, q2, l1, l2, UPCAST_DOT)
+            else:
+                true_score += _fp32_scores(q1.to(tl.float32), q2.to(tl.float32), l1, l2, USE_DOT, SPLIT,
+                                           UPCAST_DOT)
         if STINGY:
-            score = tl.where(recent, true_score, tl.where(older, window_score, -float("inf")))
-        else:
-            score = tl.where(recent, true_score, -float("inf"))
-        score = score * scale
-        row = tl.program_id(2).to(tl.int64) * n + rows
-        tl.store(scratch + row[:, None] * row_stride + c[None, :], score,
-                 mask=row_in[:, None] & (c < num_blocks)[None, :])
-        # the tile's highest score and largest magnitude a query: where the top k looks, and its tie margin
-        p_stats = tile_stats + row * stats_stride + i_t
-        tl.store(p_stats, tl.max(score, 1), mask=row_in)
-        tl.store(p_stats + stats_rows * stats_stride, tl.max(tl.where(score == -float("inf"), 0.0, tl.abs(score)), 1),
-                 mask=row_in)
+            if any_older:  # the tile holds older blocks, scored in each query's window
+                freq = tl.load(inv_freq + d, mask=in_half, other=0.0)[None, :]
+                if one_window:
+                    cos, sin = _cos_sin(-(shared_start * 1.0) * freq)
+                    cos, sin = tl.broadcast_to(cos, [BLOCK_M, DK]), tl.broadcast_to(sin, [BLOCK_M, DK])
+                else:
+                    cos, sin = _cos_sin(-(window_start * 1.0) * freq)
+                r1, r2 = _turn(q1.to(tl.float32), q2.to(tl.float32), cos, sin)
+                mask = (c < older_bound)[:, None] & in_half[None, :]
+                i1 = tl.load(p_i + d[None, :], mask=mask, other=0.0)
+                i2 = tl.load(p_i + HALF + d[None, :], mask=mask, other=0.0)
+                window_score += _fp32_scores(r1, r2, i1, i2, USE_DOT, SPLIT, UPCAST_DOT)
+    if STINGY:
+        score = tl.where(recent, true_score, tl.where(older, window_score, -float("inf")))
+    else:
+        score = tl.where(recent, true_score, -float("inf"))
+    score = score * scale
+    row = row_head.to(tl.int64) * n + rows  # the scratch row of each
+    tl.store(scratch + row[:, None] * row_stride + c[None, :], score,
+             mask=row_in[:, None] & (c < num_blocks)[None, :])
+    # the tile's highest score and largest magnitude a query: where the top k looks, and its tie margin
+    p_stats = tile_stats + row * stats_stride + i_t
+    tl.store(p_stats, tl.max(score, 1), mask=row_in)
+    tl.store(p_stats + stats_rows * stats_stride, tl.max(tl.where(score == -float("inf"), 0.0, tl.abs(score)), 1),
+             mask=row_in)
 
 
 @triton.jit
@@ -329,17 +366,24 @@ def _top_blocks_kernel(
 DOT_FROM = 16  # passes of at least this many queries (prefill chunks) score on the tensor cores
 
 
-def _score_tiles(n, half):
-    """(BLOCK_M, TILE, DK, on the tensor cores) of the scoring kernel: a prefill pass scores tiles of 64 queries (16
-    for a short one) against 64 blocks on the tensor cores, the whole half at once; a decoding step (one or two
-    queries a head) loads a tile of blocks whole, all its loads in flight at once; passes in between take tiles of
-    up to 16 queries that share each landmark key they load, the dimensions in slices of 8."""
+def _score_tiles(n, half, kv_group):
+    """(BLOCK_M, HEADS, TILE, DK, on the tensor cores) of the scoring kernel: a prefill pass scores tiles of 64
+    queries (16 for a short one) of a head against 64 blocks on the tensor cores, the whole half at once; a decoding
+    step (one or two queries a head) scores the queries of the heads that share a key/value head together (HEADS of
+    them, a power of two), so that each landmark key is loaded once for all, on the tensor cores too, or (with
+    DECODE_ON_TENSOR_CORES off) one head's queries on the CUDA cores, a tile of blocks loaded whole. Passes in
+    between take tiles of up to 16 queries that share each landmark key they load, the dimensions in slices of 8."""
     if n >= DOT_FROM:
-        return (64 if n >= 64 else 16), 64, max(16, triton.next_power_of_2(half)), True
-    block_m = min(16, triton.next_power_of_2(n))
+        return (64 if n >= 64 else 16), 1, 64, max(16, triton.next_power_of_2(half)), True
+    queries = triton.next_power_of_2(n)
+    if queries <= 2 and DECODE_ON_TENSOR_CORES:
+        heads = kv_group & -kv_group  # the largest power of two that divides the group
+        heads = min(heads, 64 // queries)
+        return max(16, heads * queries), heads, DECODE_SCORE_TILE, max(16, triton.next_power_of_2(half)), True
+    block_m = min(16, queries)
     if block_m <= 2:
-        return block_m, DECODE_SCORE_TILE, triton.next_power_of_2(half), False
-    return block_m, 32 if block_m == 16 else 64, 8, False
+        return block_m, 1, DECODE_SCORE_TILE, triton.next_power_of_2(half), False
+    return block_m, 1, 32 if block_m == 16 else 64, 8, False
 
 
 def select_blocks(query, landmarks, in_block_landmarks, row_start, num_blocks, block_size, top_k, stingy, inv_freq,
@@ -382,27 +426,31 @@ def select_blocks(query, landmarks, in_block_landmarks, row_start, num_blocks, b
     row_stride = -(-num_blocks // 16) * 16
     scratch = torch.empty(batch * q_heads * n, row_stride, dtype=torch.float32, device=query.device)
     row_start = row_start.long().contiguous()
-    block_m, tile, dk, use_dot = _score_tiles(n, head_dim // 2)
+    block_m, heads, tile, dk, use_dot = _score_tiles(n, head_dim // 2, q_heads // kv_heads)
     # score tiles a row, held as a power of two that changes with the block count's (no new compile a prompt)
     num_tiles = max(1, triton.next_power_of_2(num_blocks) // tile)
     tile_stats = torch.empty(2, batch * q_heads * n, triton.cdiv(num_blocks, tile), dtype=torch.float32,
                              device=query.device)
-    step = "prefill" if use_dot else "decoding"  # the launch settings' kind of pass
     sixteen_bit = landmarks.dtype in (torch.bfloat16, torch.float16)
     if in_block_landmarks.dtype != landmarks.dtype:
         raise ValueError("select_blocks: both landmark keys need one dtype, got "
                          f"{landmarks.dtype} and {in_block_landmarks.dtype}.")
-    _landmark_scores_kernel[(triton.cdiv(n, block_m), triton.cdiv(num_blocks, tile), batch * q_heads)](
+    step = "prefill" if n >= DOT_FROM else "decoding"  # the launch settings' kind of pass
+    groups = batch * q_heads // heads  # programs of one tile of blocks
+    tile_programs = triton.cdiv(num_blocks, tile)
+    if step == "decoding" and DECODE_SCORE_PROGRAMS is not None:  # fewer programs, each looping over tiles
+        tile_programs = min(tile_programs, triton.cdiv(DECODE_SCORE_PROGRAMS, groups))
+    _landmark_scores_kernel[(triton.cdiv(n, block_m // heads), tile_programs, groups)](
         query, landmarks, in_block_landmarks, row_start, inv_freq.float().contiguous(), scratch, tile_stats,
         query.stride(0), query.stride(1), query.stride(2),
         landmarks.stride(0), landmarks.stride(1), landmarks.stride(2),
         in_block_landmarks.stride(0), in_block_landmarks.stride(1), in_block_landmarks.stride(2),
         q_heads, n, chunk_length, num_blocks, top_k, float(scale), row_stride, tile_stats.stride(1),
         tile_stats.shape[1],
-        KV_GROUP=q_heads // kv_heads, STINGY=bool(stingy), BLOCK_SIZE=block_size, HALF=head_dim // 2,
+        KV_GROUP=q_heads // kv_heads, HEADS=heads, STINGY=bool(stingy), BLOCK_SIZE=block_size, HALF=head_dim // 2,
         BLOCK_M=block_m, TILE=tile, DK=dk, USE_DOT=use_dot, SPLIT=sixteen_bit,
         NATIVE_DOT=use_dot and sixteen_bit and query.dtype == landmarks.dtype,
-        UPCAST_DOT=_interpreting() and landmarks.dtype == torch.bfloat16,
+        UPCAST_DOT=_interpreting() and landmarks.dtype == torch.bfloat16, LOOP_TILES=step == "decoding",
         num_warps=SCORE_WARPS[step],
         enable_fp_fusion=True,  # explicit: Triton 3.10 turns the default off
     )
