@@ -16,6 +16,9 @@
 #   train  benchmarks/train_step.py: a training step of the Llama 3.2 1B shape, stock Llama (SDPA) against
 #          landmark-llama at block 64 and 51, at 16x512, 4x2k, 1x8k; options (--profile, --shapes, --models) in
 #          $TRAIN_OPTIONS -> OUT_DIR/train/, OUT_DIR/train.log                  (about 3 min)
+#   decode_kernels  benchmarks/inference_kernels.py --decode: a decoding step's selection and attention kernels in
+#          every candidate launch setting, at $DECODE_PROMPTS (default 32768 131072 524288) with $DECODE_KV_HEADS
+#          (default 8) key/value heads -> OUT_DIR/decode_kernels/<prompt>/decode_kernels.json    (about 1 min each)
 #   generate  benchmarks/generate.py: long-prompt generation, landmark-llama's retrieval cache (kept on the GPU or
 #          offloaded to host memory) against stock Llama's dynamic and static+compile caches; options in
 #          $GENERATE_OPTIONS (shape, lengths, paths, batch)
@@ -54,8 +57,13 @@ status=0
 for step in $steps; do
     case $step in
         tests) timeout 540 python -m pytest -q -m cuda -rA tests/test_kernels.py tests/test_retrieval_kernel.py \
-                   tests/test_block_selection.py tests/test_gpu_model.py ${TESTS_FILTER:+-k "$TESTS_FILTER"} 2>&1 | tee "$out_dir/tests.log" \
-                   || status=1 ;;
+                   tests/test_block_selection.py tests/test_gpu_model.py ${TESTS_FILTER:+-k "$TESTS_FILTER"} 2>&1 \
+                   | tee "$out_dir/tests.log" || status=1 ;;
+        decode_kernels) for prompt in ${DECODE_PROMPTS:-32768 131072 524288}; do
+                   timeout 180 python benchmarks/inference_kernels.py --out "$out_dir/decode_kernels/$prompt" --decode \
+                       --kv-heads ${DECODE_KV_HEADS:-8} --prompt "$prompt" 2>&1 | tee -a "$out_dir/decode_kernels.log" \
+                       || status=1
+               done ;;
         generate) timeout 570 python benchmarks/generate.py --out "$out_dir/generate" ${GENERATE_OPTIONS:-} 2>&1 \
                    | tee -a "$out_dir/generate.log" || status=1 ;;
         bench) timeout 420 python benchmarks/attention.py --out "$out_dir/bench" 2>&1 | tee "$out_dir/bench.log" \
@@ -76,7 +84,8 @@ for step in $steps; do
                 timeout 240 python -m landmark_llama.tools.perplexity --model "$model" --baseline "$baseline" \
                     ${TINY_STDLIB:+--stdlib "$TINY_STDLIB"} --tokens 131072 --output "$out_dir/perplexity"; } \
                   2>&1 | tee "$out_dir/tiny_eval.log" || status=1 ;;
-        *) echo "unknown step '$step' (tests, bench, sweep, train, generate, tiny, tiny_eval)"; status=2 ;;
+        *) echo "unknown step '$step' (tests, bench, sweep, train, generate, decode_kernels, tiny, tiny_eval)"
+           status=2 ;;
     esac
 done
 exit $status

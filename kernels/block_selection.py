@@ -232,19 +232,24 @@ def _max_and_count(value_a, count_a, value_b, count_b):
 
 
 @triton.jit
-def _highest_below(score, weight, below):
-    """(the highest score under `below`, the weight of the scores equal to it)."""
-    return tl.reduce((tl.where(score < below, score, -float("inf")), weight.to(tl.int32)), 0, _max_and_count)
+def _highest_below(score, weight, below, ONE_PASS: tl.constexpr):
+    """(the highest score under `below`, the weight of the scores equal to it): in one reduction, or (ONE_PASS off,
+    for the interpreter, which runs a reduction of a jit function element by element in Python) a max and a sum."""
+    score = tl.where(score < below, score, -float("inf"))
+    if ONE_PASS:
+        return tl.reduce((score, weight.to(tl.int32)), 0, _max_and_count)
+    highest = tl.max(score, 0)
+    return highest, tl.sum(tl.where(score == highest, weight.to(tl.int32), 0), 0)
 
 
 @triton.jit
-def _kth_highest(score, weight, k):
+def _kth_highest(score, weight, k, ONE_PASS: tl.constexpr):
     """The k-th highest of the weighted scores, duplicates counted (as topk's values); -inf where fewer than k."""
     cutoff = -float("inf")
     below = float("inf")
     remaining = k
     for _ in range(0, k):
-        value, count = _highest_below(score, weight, below)
+        value, count = _highest_below(score, weight, below, ONE_PASS)
         cutoff = tl.where(remaining > 0, value, cutoff)
         remaining -= count
         below = value
@@ -282,7 +287,7 @@ def _top_blocks_kernel(
     scratch, tile_stats, row_start, selected, valid, starts,
     rows_per_batch, n, chunk_length, num_blocks, k, top_k, tie_tolerance, row_stride, stats_stride, stats_rows,
     STINGY: tl.constexpr, BLOCK_SIZE: tl.constexpr, K_PAD: tl.constexpr, TILE: tl.constexpr,
-    NUM_TILES: tl.constexpr, GROUP_TILES: tl.constexpr,
+    NUM_TILES: tl.constexpr, GROUP_TILES: tl.constexpr, ONE_PASS: tl.constexpr,
 ):
     """The top k of one scratch row with the tie rule, and the starts, read from the score tiles that can hold
     them: those whose highest score reaches the k-th highest tile maximum less the tie margin (the k tiles of the
@@ -300,7 +305,7 @@ def _top_blocks_kernel(
     p_stats = tile_stats + row * stats_stride + tiles
     tile_max = tl.load(p_stats, mask=tile_exists, other=-float("inf"))
     margin = tie_tolerance * tl.max(tl.load(p_stats + stats_rows * stats_stride, mask=tile_exists, other=0.0), 0)
-    candidate = tile_exists & (tile_max >= _kth_highest(tile_max, tile_exists, k) - margin)
+    candidate = tile_exists & (tile_max >= _kth_highest(tile_max, tile_exists, k, ONE_PASS) - margin)
     rank = tl.cumsum(candidate.to(tl.int32), 0)
     n_candidates = tl.sum(candidate.to(tl.int32), 0)
     groups = tl.cdiv(n_candidates, GROUP_TILES)
@@ -317,7 +322,7 @@ def _top_blocks_kernel(
         for group in range(0, groups):
             score, block, exists = _held_or_group(p_scratch, limit, rank, candidate, n_candidates, tiles, group,
                                                   held_score, held_block, held_exists, GROUP_TILES, TILE)
-            group_max, group_count = _highest_below(score, exists, below)
+            group_max, group_count = _highest_below(score, exists, below, ONE_PASS)
             count = tl.where(group_max > value, group_count, tl.where(group_max == value, count + group_count, count))
             value = tl.maximum(value, group_max)
         cutoff = tl.where(remaining > 0, value, cutoff)
@@ -460,7 +465,7 @@ def select_blocks(query, landmarks, in_block_landmarks, row_start, num_blocks, b
         q_heads * n, n, chunk_length, num_blocks, k, top_k, float(tie_tolerance), row_stride, tile_stats.stride(1),
         tile_stats.shape[1],
         STINGY=bool(stingy), BLOCK_SIZE=block_size, K_PAD=triton.next_power_of_2(k), TILE=tile, NUM_TILES=num_tiles,
-        GROUP_TILES=group_tiles,
+        GROUP_TILES=group_tiles, ONE_PASS=not _interpreting(),
         num_warps=min(8, max(1, group_tiles * tile // TOP_K_BLOCKS_PER_WARP[step])),
         enable_fp_fusion=True,
     )

@@ -135,7 +135,7 @@ INFERENCE_KERNELS = {
     "block_top_k": (
         block_selection._top_blocks_kernel,
         dict(scratch="fp32", tile_stats="fp32", row_start="i64", selected="i64", valid="i1", starts="i64"),
-        dict(STINGY=True, BLOCK_SIZE=64, K_PAD=4, TILE=64, NUM_TILES=64, GROUP_TILES=8), 1),
+        dict(STINGY=True, BLOCK_SIZE=64, K_PAD=4, TILE=64, NUM_TILES=64, GROUP_TILES=8, ONE_PASS=True), 1),
     "chunk_write": (
         chunk_write._write_chunk_kernel,
         dict(q="bf16", k="bf16", v="bf16", q_out="bf16", key_store="bf16", value_store="bf16", landmarks="bf16",

@@ -6,6 +6,8 @@ Runs under TRITON_INTERPRET=1 on the CPU."""
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from landmark_llama.kernels import block_selection
 from landmark_llama.cache_landmark_llama import ChunkPositions, LandmarkCacheLayer, RetrievalSettings
@@ -64,6 +66,32 @@ def test_fused_selection_equals_the_pytorch_selection(positions, batch, q_heads,
     assert torch.equal(fused.starts, expected.starts)
     if batch == 3:  # the row without blocks picks none, the row with two picks both
         assert not expected.valid[0].any() and (expected.valid[1].sum(-1) == 2).all()
+
+
+@triton.jit
+def _highest_below_of(scores, weights, out, below, N: tl.constexpr, ONE_PASS: tl.constexpr):
+    i = tl.arange(0, N)
+    value, count = block_selection._highest_below(tl.load(scores + i), tl.load(weights + i) != 0, below, ONE_PASS)
+    tl.store(out + tl.arange(0, 2), tl.where(tl.arange(0, 2) == 0, value, count.to(tl.float32)))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_highest_below_in_one_reduction_equals_a_max_and_a_count(seed):
+    """The top k's (highest score under a bound, weight of the scores equal to it): the one-pass reduction the GPU
+    runs, and the max and sum the interpreter runs in the selection tests, against PyTorch; with repeated scores,
+    -inf, and no score under the bound."""
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.randint(-3, 4, (16,), generator=generator).float()
+    scores[torch.randint(0, 16, (3,), generator=generator)] = float("-inf")
+    weights = torch.randint(0, 2, (16,), generator=generator, dtype=torch.int32)
+    for below in (float("inf"), 2.0, 0.0, -3.0, -4.0):
+        masked = torch.where(scores < below, scores, float("-inf"))
+        highest = masked.max()
+        expected = torch.stack([highest, weights[masked == highest].sum().float()])
+        for one_pass in (True, False):
+            out = torch.empty(2)
+            _highest_below_of[(1,)](scores, weights, out, below, N=16, ONE_PASS=one_pass)
+            assert torch.equal(out, expected), (below, one_pass)
 
 
 @pytest.mark.parametrize("positions", ["stingy", "true"])
