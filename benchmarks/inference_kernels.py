@@ -8,9 +8,9 @@ random keys. Prefill: a pass of `--width` internal positions (chunks of 192) at 
 kernels (its blocks come from random scores: every query picks its own; the attention reads each retrieved block
 once for all the queries that picked it); a second table gives every query of a chunk the same blocks (a trained
 model's queries agree far more than random ones). `--decode`: two queries a head and row (`--width` rows), the
-selection (on the tensor cores or not, scoring tile, programs and warps, the top k's blocks a warp) and the spread
-attention (warps), timed in CUDA graphs as a captured decoding step runs them. Each setting's output is checked
-against the first's.
+selection (on the tensor cores or not, scoring tile, programs, register cap and warps, the top k's blocks a warp)
+and the spread attention (warps), timed in CUDA graphs as a captured decoding step runs them. Each setting's output
+is checked against the first's.
 Writes OUT_DIR/prefill_kernels.json or OUT_DIR/decode_kernels.json.
 """
 
@@ -74,30 +74,31 @@ def decode(args, store, results):
         return selection.select_blocks(query, landmarks, keys[:, :, :, -1], row_start, num_blocks, BLOCK_SIZE,
                                        TOP_K, True, inv_freq, scale, 1e-5)
 
-    names = ("DECODE_ON_TENSOR_CORES", "DECODE_SCORE_TILE", "DECODE_SCORE_PROGRAMS")
+    names = ("DECODE_ON_TENSOR_CORES", "DECODE_SCORE_TILE", "DECODE_SCORE_PROGRAMS", "DECODE_SCORE_MAX_REGISTERS")
     shipped = [getattr(selection, name) for name in names] + [selection.SCORE_WARPS["decoding"],
                                                               selection.TOP_K_BLOCKS_PER_WARP["decoding"]]
     # the scoring's settings at the shipped top k (first: a head's queries on the CUDA cores, a program a tile), then
     # the top k's at the shipped scoring
-    settings = [(False, 32, None, 1, shipped[4])]
-    settings += [(False, 32, programs, 1, shipped[4]) for programs in (1024, 2048, 4096)]
-    settings += [(True, tile, programs, warps, shipped[4]) for tile in (32, 64, 128) for warps in (1, 2, 4)
+    settings = [(False, 32, None, None, 1, shipped[5])]
+    settings += [(False, 32, programs, cap, 1, shipped[5]) for programs in (None, 1024, 4096)
+                 for cap in (None, 128, 96, 64) if programs or cap]
+    settings += [(True, tile, programs, None, warps, shipped[5]) for tile in (32, 64, 128) for warps in (1, 2, 4)
                  for programs in (512, 1024, 4096, None)]
-    settings += [(*shipped[:4], per_warp) for per_warp in (128, 256, 512)]
+    settings += [(*shipped[:5], per_warp) for per_warp in (128, 256, 512)]
     reference = None
     for setting in settings:
         for name, value in zip(names, setting):
             setattr(selection, name, value)
-        selection.SCORE_WARPS["decoding"], selection.TOP_K_BLOCKS_PER_WARP["decoding"] = setting[3:]
+        selection.SCORE_WARPS["decoding"], selection.TOP_K_BLOCKS_PER_WARP["decoding"] = setting[4:]
         picked = select()
         reference = picked if reference is None else reference
         same = all(torch.equal(a, b) for a, b in zip(picked, reference))
         record(results, kernel="select_blocks", tensor_cores=setting[0], score_tile=setting[1],
-               score_programs=setting[2], score_warps=setting[3], top_k_blocks_per_warp=setting[4],
-               us=1e3 * do_bench_cudagraph(select), same=same)
+               score_programs=setting[2], score_max_registers=setting[3], score_warps=setting[4],
+               top_k_blocks_per_warp=setting[5], us=1e3 * do_bench_cudagraph(select), same=same)
     for name, value in zip(names, shipped):
         setattr(selection, name, value)
-    selection.SCORE_WARPS["decoding"], selection.TOP_K_BLOCKS_PER_WARP["decoding"] = shipped[3:]
+    selection.SCORE_WARPS["decoding"], selection.TOP_K_BLOCKS_PER_WARP["decoding"] = shipped[4:]
     record(results, kernel="select_blocks", split=kernel_times(select),
            scoring_resources=resources(selection._landmark_scores_kernel))
     selected, valid, starts = reference

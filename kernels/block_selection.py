@@ -63,6 +63,7 @@ SCORE_WARPS = dict(decoding=1, prefill=4)
 # about 8 a multiprocessor (234 registers a thread, ptxas for sm_90): some five waves.
 DECODE_ON_TENSOR_CORES = False
 DECODE_SCORE_PROGRAMS = None
+DECODE_SCORE_MAX_REGISTERS = None  # a cap on a decoding step's scoring registers a thread (more programs, spills)
 # sizes that change with the prompt and the pass, never specialised on (a new prompt length compiles nothing new)
 SCORE_SIZES = ["q_heads", "n", "chunk_length", "num_blocks", "top_k"]
 
@@ -456,7 +457,7 @@ def select_blocks(query, landmarks, in_block_landmarks, row_start, num_blocks, b
         BLOCK_M=block_m, TILE=tile, DK=dk, USE_DOT=use_dot, SPLIT=sixteen_bit,
         NATIVE_DOT=use_dot and sixteen_bit and query.dtype == landmarks.dtype,
         UPCAST_DOT=_interpreting() and landmarks.dtype == torch.bfloat16, LOOP_TILES=step == "decoding",
-        num_warps=SCORE_WARPS[step],
+        num_warps=SCORE_WARPS[step], maxnreg=DECODE_SCORE_MAX_REGISTERS if step == "decoding" else None,
         enable_fp_fusion=True,  # explicit: Triton 3.10 turns the default off
     )
     group_tiles = min(num_tiles, max(triton.next_power_of_2(2 * k), CANDIDATE_BLOCKS // tile))

@@ -75,6 +75,16 @@ def report(kernel, dtype, head_dim, block_size, block_tokens, config, compiled):
 # The inference kernels at the Llama 3 8B shape (bf16, 32 query heads over 8 of 128, block 64, top-k 4): pointer
 # element types by argument (the rest are i32, or fp32 where named), and the constants a launch passes.
 FLOAT_ARGS = {"sm_scale", "scale", "tie_tolerance"}
+
+
+def _block_scores(num_warps, **constants):
+    """The landmark scoring kernel at the Llama 3 8B shape with stingy positions and bf16 keys, in one layout."""
+    pointers = dict(q="bf16", landmarks="bf16", in_block="bf16", row_start="i64", inv_freq="fp32", scratch="fp32",
+                    tile_stats="fp32")
+    constants = dict(KV_GROUP=4, STINGY=True, BLOCK_SIZE=64, HALF=64, SPLIT=True, UPCAST_DOT=False, **constants)
+    return block_selection._landmark_scores_kernel, pointers, constants, num_warps
+
+
 INFERENCE_KERNELS = {
     "retrieval_attention": (
         retrieval._retrieval_attention_kernel,
@@ -106,32 +116,17 @@ INFERENCE_KERNELS = {
              DOT_PRECISION="tf32", UPCAST_DOT=False), retrieval.TILES_WARPS),
     "retrieval_merge": (
         retrieval._merge_splits_kernel, dict(partial="fp32", out="bf16"), dict(HALF=64, HALF_PAD=64, SPLITS=8), 1),
-    "block_scores": (  # a pass of 3-15 queries a head
-        block_selection._landmark_scores_kernel,
-        dict(q="bf16", landmarks="bf16", in_block="bf16", row_start="i64", inv_freq="fp32", scratch="fp32",
-             tile_stats="fp32"),
-        dict(KV_GROUP=4, HEADS=1, STINGY=True, BLOCK_SIZE=64, HALF=64, BLOCK_M=16, TILE=32, DK=8, USE_DOT=False,
-             SPLIT=True, NATIVE_DOT=False, UPCAST_DOT=False, LOOP_TILES=True), 1),
-    "block_scores_decoding": (  # two queries a head, the settings shipped
-        block_selection._landmark_scores_kernel,
-        dict(q="bf16", landmarks="bf16", in_block="bf16", row_start="i64", inv_freq="fp32", scratch="fp32",
-             tile_stats="fp32"),
-        dict(KV_GROUP=4, HEADS=1, STINGY=True, BLOCK_SIZE=64, HALF=64, BLOCK_M=2,
-             TILE=block_selection.DECODE_SCORE_TILE, DK=64, USE_DOT=False, SPLIT=True, NATIVE_DOT=False,
-             UPCAST_DOT=False, LOOP_TILES=True), block_selection.SCORE_WARPS["decoding"]),
-    "block_scores_decoding_tensor_cores": (  # two queries of a group's four heads together
-        block_selection._landmark_scores_kernel,
-        dict(q="bf16", landmarks="bf16", in_block="bf16", row_start="i64", inv_freq="fp32", scratch="fp32",
-             tile_stats="fp32"),
-        dict(KV_GROUP=4, HEADS=4, STINGY=True, BLOCK_SIZE=64, HALF=64, BLOCK_M=16,
-             TILE=block_selection.DECODE_SCORE_TILE, DK=64, USE_DOT=True, SPLIT=True, NATIVE_DOT=True,
-             UPCAST_DOT=False, LOOP_TILES=True), block_selection.SCORE_WARPS["decoding"]),
-    "block_scores_tensor_cores": (  # a prefill pass
-        block_selection._landmark_scores_kernel,
-        dict(q="bf16", landmarks="bf16", in_block="bf16", row_start="i64", inv_freq="fp32", scratch="fp32",
-             tile_stats="fp32"),
-        dict(KV_GROUP=4, HEADS=1, STINGY=True, BLOCK_SIZE=64, HALF=64, BLOCK_M=64, TILE=64, DK=64, USE_DOT=True,
-             SPLIT=True, NATIVE_DOT=True, UPCAST_DOT=False, LOOP_TILES=False), block_selection.SCORE_WARPS["prefill"]),
+    "block_scores": _block_scores(  # a pass of 3-15 queries a head
+        1, HEADS=1, BLOCK_M=16, TILE=32, DK=8, USE_DOT=False, NATIVE_DOT=False, LOOP_TILES=True),
+    "block_scores_decoding": _block_scores(  # two queries a head, the settings shipped
+        block_selection.SCORE_WARPS["decoding"], HEADS=1, BLOCK_M=2, TILE=block_selection.DECODE_SCORE_TILE, DK=64,
+        USE_DOT=False, NATIVE_DOT=False, LOOP_TILES=True),
+    "block_scores_decoding_tensor_cores": _block_scores(  # two queries of a group's four heads together
+        block_selection.SCORE_WARPS["decoding"], HEADS=4, BLOCK_M=16, TILE=block_selection.DECODE_SCORE_TILE, DK=64,
+        USE_DOT=True, NATIVE_DOT=True, LOOP_TILES=True),
+    "block_scores_tensor_cores": _block_scores(  # a prefill pass
+        block_selection.SCORE_WARPS["prefill"], HEADS=1, BLOCK_M=64, TILE=64, DK=64, USE_DOT=True, NATIVE_DOT=True,
+        LOOP_TILES=False),
     "block_top_k": (
         block_selection._top_blocks_kernel,
         dict(scratch="fp32", tile_stats="fp32", row_start="i64", selected="i64", valid="i1", starts="i64"),
@@ -148,7 +143,7 @@ INFERENCE_KERNELS = {
 }
 
 
-def compile_inference_kernel(fn, pointers, constants, num_warps):
+def compile_inference_kernel(fn, pointers, constants, num_warps, maxnreg=None):
     signature = {}
     for name in fn.arg_names:
         if name in constants:
@@ -158,7 +153,7 @@ def compile_inference_kernel(fn, pointers, constants, num_warps):
         else:
             signature[name] = "fp32" if name in FLOAT_ARGS else "i32"
     return triton.compile(ASTSource(fn, signature, constants), target=TARGET,
-                          options=dict(num_warps=num_warps, num_stages=1, enable_fp_fusion=True))
+                          options=dict(num_warps=num_warps, num_stages=1, enable_fp_fusion=True, maxnreg=maxnreg))
 
 
 def main():

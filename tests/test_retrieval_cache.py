@@ -276,7 +276,7 @@ def test_generate_from_inputs_embeds_equals_generate_from_ids():
 @pytest.mark.parametrize("granularity, positions, cuda_graphs, offload, pass_positions, length", [
     ("chunk", "true", True, False, None, 60), ("token", "stingy", False, False, None, 60),
     ("token", "stingy", True, True, None, 60), ("token", "stingy", True, False, None, 60),
-    ("token", "true", False, False, 80, 150),
+    ("token", "true", False, False, 80, 110),  # passes of 80 and 45 positions: two chunks of 40, then one and 5
 ])
 def test_retrieval_kernel_serves_the_cache_like_the_eager_path(monkeypatch, granularity, positions, cuda_graphs,
                                                                offload, pass_positions, length):
