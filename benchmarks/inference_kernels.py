@@ -77,6 +77,12 @@ def decode(args, store, results):
     names = ("DECODE_ON_TENSOR_CORES", "DECODE_SCORE_TILE", "DECODE_SCORE_PROGRAMS", "DECODE_SCORE_MAX_REGISTERS")
     shipped = [getattr(selection, name) for name in names] + [selection.SCORE_WARPS["decoding"],
                                                               selection.TOP_K_BLOCKS_PER_WARP["decoding"]]
+
+    def apply(setting):  # (the module settings of `names`, scoring warps, the top k's blocks a warp)
+        for name, value in zip(names, setting):
+            setattr(selection, name, value)
+        selection.SCORE_WARPS["decoding"], selection.TOP_K_BLOCKS_PER_WARP["decoding"] = setting[4:]
+
     # the scoring's settings at the shipped top k (first: a head's queries on the CUDA cores, a program a tile), then
     # the top k's at the shipped scoring
     settings = [(False, 32, None, None, 1, shipped[5])]
@@ -87,18 +93,14 @@ def decode(args, store, results):
     settings += [(*shipped[:5], per_warp) for per_warp in (128, 256, 512)]
     reference = None
     for setting in settings:
-        for name, value in zip(names, setting):
-            setattr(selection, name, value)
-        selection.SCORE_WARPS["decoding"], selection.TOP_K_BLOCKS_PER_WARP["decoding"] = setting[4:]
+        apply(setting)
         picked = select()
         reference = picked if reference is None else reference
         same = all(torch.equal(a, b) for a, b in zip(picked, reference))
         record(results, kernel="select_blocks", tensor_cores=setting[0], score_tile=setting[1],
                score_programs=setting[2], score_max_registers=setting[3], score_warps=setting[4],
                top_k_blocks_per_warp=setting[5], us=1e3 * do_bench_cudagraph(select), same=same)
-    for name, value in zip(names, shipped):
-        setattr(selection, name, value)
-    selection.SCORE_WARPS["decoding"], selection.TOP_K_BLOCKS_PER_WARP["decoding"] = shipped[4:]
+    apply(shipped)
     record(results, kernel="select_blocks", split=kernel_times(select),
            scoring_resources=resources(selection._landmark_scores_kernel))
     selected, valid, starts = reference
