@@ -19,6 +19,9 @@
 #   decode_kernels  benchmarks/inference_kernels.py --decode: a decoding step's selection and attention kernels in
 #          every candidate launch setting, at $DECODE_PROMPTS (default 32768 131072 524288) with $DECODE_KV_HEADS
 #          (default 8) key/value heads -> OUT_DIR/decode_kernels/<prompt>/decode_kernels.json    (about 1 min each)
+#   prefill_kernels  benchmarks/inference_kernels.py: a 4,096-position prefill pass's selection (scoring tiles and
+#          warps, the top k's warps) and retrieval tiles at the end of a $PREFILL_PROMPTS-token cache (default 32768
+#          131072; the 7B shape) -> OUT_DIR/prefill_kernels/<prompt>/prefill_kernels.json         (about 1 min each)
 #   generate  benchmarks/generate.py: long-prompt generation, landmark-llama's retrieval cache (kept on the GPU or
 #          offloaded to host memory) against stock Llama's dynamic and static+compile caches; options in
 #          $GENERATE_OPTIONS (shape, lengths, paths, batch)
@@ -64,6 +67,10 @@ for step in $steps; do
                        --kv-heads ${DECODE_KV_HEADS:-8} --prompt "$prompt" 2>&1 | tee -a "$out_dir/decode_kernels.log" \
                        || status=1
                done ;;
+        prefill_kernels) for prompt in ${PREFILL_PROMPTS:-32768 131072}; do
+                   timeout 240 python benchmarks/inference_kernels.py --out "$out_dir/prefill_kernels/$prompt" \
+                       --prompt "$prompt" 2>&1 | tee -a "$out_dir/prefill_kernels.log" || status=1
+               done ;;
         generate) timeout 570 python benchmarks/generate.py --out "$out_dir/generate" ${GENERATE_OPTIONS:-} 2>&1 \
                    | tee -a "$out_dir/generate.log" || status=1 ;;
         bench) timeout 420 python benchmarks/attention.py --out "$out_dir/bench" 2>&1 | tee "$out_dir/bench.log" \
@@ -84,7 +91,7 @@ for step in $steps; do
                 timeout 240 python -m landmark_llama.tools.perplexity --model "$model" --baseline "$baseline" \
                     ${TINY_STDLIB:+--stdlib "$TINY_STDLIB"} --tokens 131072 --output "$out_dir/perplexity"; } \
                   2>&1 | tee "$out_dir/tiny_eval.log" || status=1 ;;
-        *) echo "unknown step '$step' (tests, bench, sweep, train, generate, decode_kernels, tiny, tiny_eval)"
+        *) echo "unknown step '$step' (tests, bench, sweep, train, generate, decode_kernels, prefill_kernels, tiny, tiny_eval)"
            status=2 ;;
     esac
 done

@@ -5,12 +5,12 @@ setting (the data behind the settings the kernels ship with).
 
 Llama 2 7B attention (32 query heads of 128, bf16), block 64, top-k 4, stingy positions, a `--prompt`-token cache of
 random keys. Prefill: a pass of `--width` internal positions (chunks of 192) at its end. The selection runs on the
-kernels (its blocks come from random scores: every query picks its own; the attention reads each retrieved block
-once for all the queries that picked it); a second table gives every query of a chunk the same blocks (a trained
-model's queries agree far more than random ones). `--decode`: two queries a head and row (`--width` rows), the
-selection (on the tensor cores or not, scoring tile, programs, register cap and warps, the top k's blocks a warp)
-and the spread attention (warps), timed in CUDA graphs as a captured decoding step runs them. Each setting's output
-is checked against the first's.
+kernels (the scoring's query and block tiles and warps swept; its blocks come from random scores: every query picks
+its own; the attention reads each retrieved block once for all the queries that picked it); a second table gives
+every query of a chunk the same blocks (a trained model's queries agree far more than random ones). `--decode`: two
+queries a head and row (`--width` rows), the selection (on the tensor cores or not, scoring tile, programs, register
+cap and warps, the top k's blocks a warp) and the spread attention (warps), timed in CUDA graphs as a captured
+decoding step runs them. Each setting's output is checked against the first's.
 Writes OUT_DIR/prefill_kernels.json or OUT_DIR/decode_kernels.json.
 """
 
@@ -144,12 +144,18 @@ def prefill(args, store, results):
                                        TOP_K, False, inv_freq, scale, 1e-5, CHUNK)
 
     record(results, kernel="select_blocks", positions="true", split=kernel_times(select_true_positions))
-    shipped = selection.SCORE_WARPS["prefill"]
-    for warps in (4, 8):
-        selection.SCORE_WARPS["prefill"] = warps
-        same = all(torch.equal(a, b) for a, b in zip(select(), reference))
-        record(results, kernel="select_blocks", score_warps=warps, split=kernel_times(select), same=same)
-    selection.SCORE_WARPS["prefill"] = shipped
+    shipped = selection.PREFILL_SCORE_TILES, selection.SCORE_WARPS["prefill"]
+    for tiles in ((64, 64), (128, 64), (64, 128), (128, 128), (64, 32), (32, 64)):
+        for warps in (4, 8):
+            selection.PREFILL_SCORE_TILES, selection.SCORE_WARPS["prefill"] = tiles, warps
+            try:
+                same = all(torch.equal(a, b) for a, b in zip(select(), reference))
+            except Exception as error:  # a setting that does not compile (registers, shared memory)
+                print(f"  score tiles {tiles} warps {warps}: {type(error).__name__}")
+                continue
+            record(results, kernel="select_blocks", score_tiles=tiles, score_warps=warps, split=kernel_times(select),
+                   ms=do_bench(select, warmup=5, rep=30, return_mode="median"), same=same)
+    selection.PREFILL_SCORE_TILES, selection.SCORE_WARPS["prefill"] = shipped
     for kernel in (selection._landmark_scores_kernel, selection._top_blocks_kernel):
         record(results, kernel=kernel.fn.__name__, compiled=resources(kernel))
     selected, valid, starts = reference

@@ -26,7 +26,7 @@ def _layer(batch, kv_heads, capacity, block_size, head_dim, generator, dtype=tor
 
 @pytest.mark.parametrize("positions", ["stingy", "true"])
 @pytest.mark.parametrize(
-    "batch, q_heads, kv_heads, width, head_dim, block_size, top_k, capacity, candidate_blocks, decoding",
+    "batch, q_heads, kv_heads, width, head_dim, block_size, top_k, capacity, candidate_blocks, launch",
     [
         (3, 4, 2, 3, 16, 8, 3, 20, None, None),  # GQA; rows with 0, 2 (< k) and many blocks
         (2, 3, 1, 2, 80, 7, 4, 9, None, None),  # head_dim and block size no powers of two
@@ -37,14 +37,16 @@ def _layer(batch, kv_heads, capacity, block_size, head_dim, generator, dtype=tor
         (2, 8, 2, 2, 16, 4, 3, 140, None, dict(DECODE_SCORE_PROGRAMS=3, DECODE_ON_TENSOR_CORES=True)),
         (1, 12, 2, 1, 8, 8, 2, 100, None, dict(DECODE_SCORE_PROGRAMS=1, DECODE_ON_TENSOR_CORES=True)),
         (2, 8, 2, 2, 16, 4, 3, 140, None, dict(DECODE_SCORE_PROGRAMS=5, DECODE_ON_TENSOR_CORES=False)),
+        # a prefill pass in one tile of 128 queries, of which 70 are real, against tiles of 32 blocks
+        (1, 2, 1, 70, 16, 4, 2, 100, None, dict(PREFILL_SCORE_TILES=(128, 32))),
     ],
 )
 def test_fused_selection_equals_the_pytorch_selection(positions, batch, q_heads, kv_heads, width, head_dim,
-                                                      block_size, top_k, capacity, candidate_blocks, decoding,
+                                                      block_size, top_k, capacity, candidate_blocks, launch,
                                                       monkeypatch):
     if candidate_blocks is not None:  # groups of the fewest candidate tiles, at a size the interpreter runs quickly
         monkeypatch.setattr(block_selection, "CANDIDATE_BLOCKS", candidate_blocks)
-    for name, value in (decoding or {}).items():  # a decoding step's launch settings
+    for name, value in (launch or {}).items():  # launch settings other than the shipped ones
         monkeypatch.setattr(block_selection, name, value)
     generator = torch.Generator().manual_seed(capacity + width)
     layer = _layer(batch, kv_heads, capacity, block_size, head_dim, generator)

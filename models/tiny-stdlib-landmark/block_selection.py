@@ -57,6 +57,8 @@ TOP_K_BLOCKS_PER_WARP = dict(decoding=256, prefill=512)
 # 64, 31.3 at 128)
 DECODE_SCORE_TILE = 32
 SCORE_WARPS = dict(decoding=1, prefill=4)
+# a prefill pass (at least 64 queries) scores tiles of this many queries of a head against this many blocks
+PREFILL_SCORE_TILES = (64, 64)
 # Candidates for a decoding step, not yet measured on a GPU (benchmarks/inference_kernels.py --decode sweeps them): the
 # heads of a key/value group scored together on the tensor cores, and at most this many scoring programs in all,
 # each looping over tiles of blocks (None: a program a tile). At 512k a step's 8,192 one-warp programs a layer run at
@@ -373,14 +375,16 @@ DOT_FROM = 16  # passes of at least this many queries (prefill chunks) score on 
 
 
 def _score_tiles(n, half, kv_group):
-    """(BLOCK_M, HEADS, TILE, DK, on the tensor cores) of the scoring kernel: a prefill pass scores tiles of 64
-    queries (16 for a short one) of a head against 64 blocks on the tensor cores, the whole half at once; a decoding
-    step (one or two queries a head) scores the queries of the heads that share a key/value head together (HEADS of
-    them, a power of two), so that each landmark key is loaded once for all, on the tensor cores too, or (with
-    DECODE_ON_TENSOR_CORES off) one head's queries on the CUDA cores, a tile of blocks loaded whole. Passes in
-    between take tiles of up to 16 queries that share each landmark key they load, the dimensions in slices of 8."""
+    """(BLOCK_M, HEADS, TILE, DK, on the tensor cores) of the scoring kernel: a prefill pass scores tiles of
+    PREFILL_SCORE_TILES queries of a head and blocks (16 queries and 64 blocks for a short one) on the tensor cores,
+    the whole half at once; a decoding step (one or two queries a head) scores the queries of the heads that share a
+    key/value head together (HEADS of them, a power of two), so that each landmark key is loaded once for all, on
+    the tensor cores too, or (with DECODE_ON_TENSOR_CORES off) one head's queries on the CUDA cores, a tile of
+    blocks loaded whole. Passes in between take tiles of up to 16 queries that share each landmark key they load,
+    the dimensions in slices of 8."""
     if n >= DOT_FROM:
-        return (64 if n >= 64 else 16), 1, 64, max(16, triton.next_power_of_2(half)), True
+        queries, tile = PREFILL_SCORE_TILES if n >= 64 else (16, 64)
+        return queries, 1, tile, max(16, triton.next_power_of_2(half)), True
     queries = triton.next_power_of_2(n)
     if queries <= 2 and DECODE_ON_TENSOR_CORES:
         heads = kv_group & -kv_group  # the largest power of two that divides the group
