@@ -566,23 +566,27 @@ class BlockStager:
     through `blocks` and the ring stays the local store; the blocks the chunk completes are appended."""
 
     def __init__(self):
-        self.layer = self.keys = self.values = self.starts = None
+        self.layer = self.keys = self.values = self.starts = self.lengths = None
         self.loaded = 0
         self.ready = False
 
-    def hold(self, layer, blocks, starts=None):
-        """Keep `layer`'s blocks here from now on: its first `blocks` (complete on the host) are copied when first
-        needed (the layer's stores exist from its first write). `starts` [batch], the rows' internal lengths before
-        the forward: the buffer is also the layer's local store (see the class), holding each row's tail."""
-        self.layer, self.loaded, self.ready, self.starts = layer, blocks, False, starts
+    def hold(self, layer, blocks, lengths, local_store=False):
+        """Keep `layer`'s blocks here from now on: its first `blocks` are copied when first needed (the layer's stores
+        exist from its first write). `lengths` [batch]: the rows' internal lengths, whose complete blocks are on the
+        host (a shorter row's blocks past them were never written there, and are zeroed here). `local_store`: the
+        buffer is also the layer's local store for a forward from `lengths` on (see the class), holding each row's
+        tail."""
+        self.layer, self.loaded, self.ready, self.lengths = layer, blocks, False, lengths
+        self.starts = lengths if local_store else None
 
     def is_local_store_of(self, layer):
         return self.starts is not None and self.layer is layer
 
-    def blocks(self, layer, blocks):
-        """(keys, values) [batch, blocks, kv_heads, block_size, head_dim]: the first `blocks` blocks of `layer`."""
+    def blocks(self, layer, blocks, lengths):
+        """(keys, values) [batch, blocks, kv_heads, block_size, head_dim]: the first `blocks` blocks of `layer`, whose
+        rows hold `lengths` [batch] internal positions."""
         if self.layer is not layer:
-            self.hold(layer, blocks)
+            self.hold(layer, blocks, lengths)
         keys, values = self.buffers()
         return keys[:, :blocks], values[:, :blocks]
 
@@ -613,12 +617,13 @@ class BlockStager:
                 for row in range(store.shape[0]):  # contiguous rows: one asynchronous copy each
                     buffer[row, : self.loaded].copy_(store[row, : self.loaded], non_blocking=True)
             self.ready = True
+            # a shorter row's blocks past its own complete ones were never written on the host: whatever the host
+            # memory holds there (NaN too) is read with weight 0 by picks that are not valid
+            complete = self.lengths // layer.block_size
+            unwritten = torch.arange(self.loaded, device=layer.device) >= complete[:, None]
+            for buffer in (self.keys, self.values):
+                buffer[:, : self.loaded].masked_fill_(unwritten[..., None, None, None], 0.0)
             if self.starts is not None:
-                # a shorter row's blocks past its own complete ones were never written on the host
-                complete = self.starts // layer.block_size
-                unwritten = torch.arange(self.loaded, device=layer.device) >= complete[:, None]
-                for buffer in (self.keys, self.values):
-                    buffer[:, : self.loaded].masked_fill_(unwritten[..., None, None, None], 0.0)
                 self._tails(self.keys, self.values, self.starts, to_ring=False)
         if self.keys.shape != layer.keys.shape:
             raise RuntimeError("the offloaded layer grew while its blocks were held on the device; the cache plans "
@@ -638,7 +643,7 @@ class BlockStager:
                 copy_blocks(ring, here, in_ring, tail)
 
     def release(self):
-        self.layer = self.keys = self.values = self.starts = None
+        self.layer = self.keys = self.values = self.starts = self.lengths = None
         self.ready = False
 
 
@@ -728,7 +733,7 @@ class OffloadedCacheLayer(LandmarkCacheLayer):
             return RetrievedBlocks(selected, valid, starts, *self.stager.buffers())
         if q_heads // self.keys.shape[2] * retrievers * k <= self.slots:
             return self.fetch(selected, valid, starts, chunk)
-        keys, values = self.stager.blocks(self, chunk.most_blocks)
+        keys, values = self.stager.blocks(self, chunk.most_blocks, chunk.start)
         return RetrievedBlocks(selected, valid, starts, keys, values)
 
     def fetch(self, selected, valid, starts, chunk):

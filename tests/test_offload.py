@@ -102,6 +102,30 @@ def test_offloaded_prompt_runs_layer_by_layer_and_continues_like_the_device_cach
     torch.testing.assert_close(offloaded_later, later, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("granularity", ["token", "chunk"])
+def test_host_memory_no_block_was_written_to_is_never_read(monkeypatch, granularity):
+    """Host stores start uninitialised (here: NaN, as reused memory may hold). A padded batch whose short rows have
+    fewer complete blocks than others, as inputs of one chunk each (their passes read the layer's blocks through the
+    stager) and as a longer one (layer by layer): the logits stay finite and equal the cache kept on the device."""
+    real_host_empty = cache_module.host_empty
+    monkeypatch.setattr(cache_module, "host_empty",
+                        lambda *args, **kwargs: real_host_empty(*args, **kwargs).fill_(float("nan")))
+    model = tiny_landmark_model(train_context_length=64, retrieval_top_k=2, num_attention_heads=4,
+                                num_key_value_heads=2)
+    first, first_mask, _ = left_padded([30, 4, 1])  # one chunk: 4 complete blocks, none, none
+    second, second_mask, _ = left_padded([20, 25, 2], seed=3)
+    third, third_mask, _ = left_padded([120, 9, 60], seed=4)
+    with torch.no_grad():
+        results = []
+        for offload in (False, True):
+            cache = LandmarkRetrievalCache(model.config, offload_to_cpu=offload, retrieval_granularity=granularity)
+            results.append([model(ids, attention_mask=mask, **{CACHE: cache}).logits * mask[..., None]
+                            for ids, mask in ((first, first_mask), (second, second_mask), (third, third_mask))])
+    for on_device, offloaded in zip(*results, strict=True):
+        assert offloaded.isfinite().all()
+        torch.testing.assert_close(offloaded, on_device, atol=1e-5, rtol=1e-5)
+
+
 def _slot_layer(batch, kv_heads, capacity, block_size, head_dim, slots):
     layer = OffloadedCacheLayer(block_size, ring_blocks=2, slots=slots, stager=None)
     layer.planned_blocks = capacity

@@ -595,7 +595,8 @@ class LandmarkLlamaModel(LandmarkLlamaPreTrainedModel, LlamaModel):
         # one buffer of the input's hidden states, overwritten pass by pass: a layer's later passes read only their own
         hidden = internal_embeds
         for decoder_layer in self.layers[: self.config.num_hidden_layers]:
-            cache.stager.hold(cache.layers[decoder_layer.self_attn.layer_idx], passes[0][1].most_blocks, starts)
+            cache.stager.hold(cache.layers[decoder_layer.self_attn.layer_idx], passes[0][1].most_blocks, starts,
+                              local_store=True)
             for begin, chunk in passes:
                 states = hidden[:, begin : begin + pass_length]
                 width = states.shape[1]
