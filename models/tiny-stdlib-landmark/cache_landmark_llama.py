@@ -560,8 +560,9 @@ class BlockStager:
     the rows' starting lengths, while its passes run. The buffer is then the layer's local store
     (`OffloadedCacheLayer.local_keys`): the layer's blocks from earlier forwards are copied here once (complete ones
     from the host, each row's tail from the ring), the passes write their keys and values here (any width: the buffer
-    holds every block), the blocks they complete go to the host from here, and `settle` puts each row's tail back into
-    the ring before the next layer is held. `release` frees the buffer when the forward ends.
+    holds every block), the blocks they complete go to the host from here (`write_back`: on CUDA on a side stream,
+    overlapping the passes that follow), and `settle` puts each row's tail back into the ring before the next layer
+    is held. `release` frees the buffer when the forward ends.
     Chunk by chunk through every layer (when per-layer outputs are asked for), each layer's chunk reloads the layer
     through `blocks` and the ring stays the local store; the blocks the chunk completes are appended."""
 
@@ -569,6 +570,7 @@ class BlockStager:
         self.layer = self.keys = self.values = self.starts = self.lengths = None
         self.loaded = 0
         self.ready = False
+        self.copy_stream, self.copies_pending = None, False
 
     def hold(self, layer, blocks, lengths, local_store=False):
         """Keep `layer`'s blocks here from now on: its first `blocks` are copied when first needed (the layer's stores
@@ -598,6 +600,33 @@ class BlockStager:
             copy_blocks(layer.ring_keys, keys, source, target)
             copy_blocks(layer.ring_values, values, source, target)
 
+    def write_back(self, layer, source, target):
+        """Blocks a pass of the held `layer` completed (`copy_blocks` indices into this buffer and the host store) go
+        to the host. On CUDA the copy runs on a side stream: its PCIe writes overlap the layer's later passes, which
+        write only later blocks; the compute stream joins it before this buffer is refilled or freed, and so before
+        anything reads the host store."""
+        keys, values = self.buffers()
+        if not keys.is_cuda:
+            copy_blocks(keys, layer.keys, source, target)
+            copy_blocks(values, layer.values, source, target)
+            return
+        compute = torch.cuda.current_stream(keys.device)
+        if self.copy_stream is None:
+            self.copy_stream = torch.cuda.Stream(keys.device)
+        self.copy_stream.wait_stream(compute)  # the pass has written the blocks
+        with torch.cuda.stream(self.copy_stream):
+            copy_blocks(keys, layer.keys, source, target)
+            copy_blocks(values, layer.values, source, target)
+        for index in (source, target):  # (allocated on the compute stream, read here)
+            index.record_stream(self.copy_stream)
+        self.copies_pending = True
+
+    def join_copies(self):
+        """The compute stream waits for the copies `write_back` started."""
+        if self.copies_pending:
+            torch.cuda.current_stream(self.copy_stream.device).wait_stream(self.copy_stream)
+            self.copies_pending = False
+
     def settle(self, ends):
         """The held local store's tails (each row's block at `ends` [batch] // block_size) back into the layer's ring,
         where the passes after this forward read them."""
@@ -607,6 +636,7 @@ class BlockStager:
         """(keys, values): the held layer's blocks, [batch, capacity, kv_heads, block_size, head_dim]."""
         layer = self.layer
         if not self.ready:
+            self.join_copies()  # the previous layer's blocks are read from here until then
             if self.keys is None or self.keys.shape != layer.keys.shape:
                 self.keys = self.values = None  # (freed before the new ones are allocated)
                 # zeros, then other layers' blocks: a local store's unwritten slots are read (with weight 0) and
@@ -643,6 +673,7 @@ class BlockStager:
                 copy_blocks(ring, here, in_ring, tail)
 
     def release(self):
+        self.join_copies()
         self.layer = self.keys = self.values = self.starts = self.lengths = None
         self.ready = False
 
@@ -723,6 +754,9 @@ class OffloadedCacheLayer(LandmarkCacheLayer):
 
         local_keys, local_values = self._local()
         source, target = chunk.once(("completed blocks", local_keys.shape[1]), completed)
+        if self.held_by_stager:
+            self.stager.write_back(self, source, target)
+            return
         copy_blocks(local_keys, self.keys, source, target)
         copy_blocks(local_values, self.values, source, target)
         self.stager.append(self, source, target)
