@@ -21,6 +21,7 @@ import landmark_llama.kernels.block_selection as block_selection
 import landmark_llama.kernels.chunk_write as chunk_write
 import landmark_llama.kernels.landmark_attention as lk
 import landmark_llama.kernels.retrieval_attention as retrieval
+import landmark_llama.kernels.slot_assignment as slot_assignment
 
 TARGET = GPUTarget("cuda", 90, 32)
 TENSOR_ARGS = {"q", "k", "v", "o", "do", "dq", "dk", "dv"}
@@ -141,6 +142,11 @@ INFERENCE_KERNELS = {
         block_copy._copy_blocks_kernel,
         dict(src="bf16", dst="bf16", src_blocks="i64", dst_blocks="i64"),
         dict(BLOCK_ELEMENTS=64 * 128, TILE=block_copy.TILE), 4),
+    "slot_assignment": (  # a decoding step's 32 picks a key/value head over its 64 slots
+        slot_assignment._assign_slots_kernel,
+        dict(selected="i64", valid="i8", length="i64", slot_blocks="i64", slot_used="i64", stamp="i64",
+             slot_out="i64", valid_out="i8", source_out="i64", victim_out="i64"),
+        dict(GROUP=4, RETRIEVERS=2, K=4, W_PAD=32, S_PAD=64), 4),
 }
 
 

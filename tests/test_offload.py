@@ -10,6 +10,7 @@ from landmark_llama.cache_landmark_llama import (
     ChunkPositions, LandmarkRetrievalCache, OFFLOAD_SLOTS_PER_PICK, OffloadedCacheLayer,
 )
 from landmark_llama.kernels.block_copy import copy_blocks
+from landmark_llama.kernels.slot_assignment import assign_slots as assign_slots_triton
 from landmark_llama.modeling_landmark_llama import _CACHE_FIELD as CACHE
 from test_retrieval_cache import left_padded
 from tiny_models import PAD_ID, random_ids, tiny_landmark_model
@@ -223,6 +224,40 @@ def test_block_copy_kernel_equals_indexing(dtype, block_size, head_dim):
         copy_blocks(src.transpose(3, 4), dst.transpose(3, 4), source, target)
     with pytest.raises(ValueError, match=r"must both be \[batch, heads, pairs\]"):
         copy_blocks(src, dst, source[:, :1], target[:, :1])
+
+
+@pytest.mark.parametrize("q_heads, kv_heads, retrievers, k", [(4, 2, 2, 3), (2, 2, 1, 4), (6, 2, 2, 1)])
+def test_slot_assignment_kernel_equals_the_pytorch_form(q_heads, kv_heads, retrievers, k):
+    """The slot assignment CUDA runs (`kernels/slot_assignment.py`, here under TRITON_INTERPRET) against the PyTorch
+    form the CPU runs, over steps whose picks recur, repeat within a step, are invalid or belong to padding queries
+    (a row of no real query too): the same slots for every pick, blocks fetched into the same slots, and the same slot
+    tables after each step."""
+    batch, capacity = 3, 80
+    slots = OFFLOAD_SLOTS_PER_PICK * q_heads // kv_heads * retrievers * k - 3  # not a power of two
+    tables = [(torch.full((batch, kv_heads, slots), -1), torch.full((batch, kv_heads, slots), -1)) for _ in range(2)]
+    generator = torch.Generator().manual_seed(q_heads * 10 + k)
+    hot = torch.randint(0, capacity, (6,), generator=generator)
+    evictions = 0
+    for step in range(30):
+        shape = (batch, q_heads, retrievers, k)
+        selected = torch.where(torch.rand(shape, generator=generator) < 0.6,
+                               hot[torch.randint(0, 6, shape, generator=generator)],
+                               torch.randint(0, capacity, shape, generator=generator))
+        valid = torch.rand(shape, generator=generator) < 0.85
+        length = torch.tensor([retrievers, 1, 0])
+        stamp = torch.tensor(step)
+        (slot_blocks, slot_used), (kernel_blocks, kernel_used) = tables
+        before = slot_blocks.clone()
+        expected = cache_module.assign_slots(selected, valid, length, slot_blocks, slot_used, stamp)
+        got = assign_slots_triton(selected, valid, length, kernel_blocks, kernel_used, stamp)
+        for name, a, b in zip(("slot", "valid", "source", "victim"), got, expected, strict=True):
+            assert torch.equal(a, b), (step, name)
+        assert torch.equal(kernel_blocks, slot_blocks) and torch.equal(kernel_used, slot_used), step
+        evictions += int(((before >= 0) & (slot_blocks != before)).sum())
+    assert evictions > 0  # slots held blocks that gave way
+    with pytest.raises(ValueError, match="need at least as many slots"):
+        assign_slots_triton(selected, valid, length, slot_blocks[..., :2].contiguous(),
+                            slot_used[..., :2].contiguous(), stamp)
 
 
 def test_bad_offload_setting_gets_a_clear_error():

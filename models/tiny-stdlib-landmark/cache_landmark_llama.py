@@ -28,12 +28,14 @@ from transformers.models.llama.modeling_llama import rotate_half
 from .configuration_landmark_llama import RETRIEVAL_GRANULARITIES, RETRIEVAL_POSITIONS, check_choice
 
 
-try:  # the device-side block copies of the offloaded cache, the fused selection and cache write; the CPU runs PyTorch
+try:  # the device-side block copies and slot assignment of the offloaded cache, the fused selection and cache write;
+    # the CPU runs PyTorch
     from .block_copy import copy_blocks as copy_blocks_triton
     from .block_selection import select_blocks as select_blocks_triton
     from .chunk_write import write_chunk as write_chunk_triton
+    from .slot_assignment import assign_slots as assign_slots_triton
 except ImportError:
-    copy_blocks_triton = select_blocks_triton = write_chunk_triton = None
+    copy_blocks_triton = select_blocks_triton = write_chunk_triton = assign_slots_triton = None
 
 
 TIE_TOLERANCE = 1e-5  # relative: scores this close are equal (see `top_blocks`)
@@ -773,30 +775,43 @@ class OffloadedCacheLayer(LandmarkCacheLayer):
     def fetch(self, selected, valid, starts, chunk):
         """The selected blocks [batch, q_heads, retrievers, k] read from the slots; those not held are copied from
         host memory into the slots least recently used (and not wanted now). Static shapes, no host reads."""
-        batch, q_heads, retrievers, k = selected.shape
-        kv_heads, slots = self.keys.shape[2], self.slots
-        if retrievers > 1:  # per-token selections of padding queries fetch nothing
-            real = torch.arange(retrievers, device=self.device) < chunk.length[:, None]
-            valid = valid & real[:, None, :, None]
-        wanted = torch.where(valid, selected, -1).reshape(batch, kv_heads, -1)  # a key/value head's query heads
-        wanted_count = wanted.shape[-1]
-        held = (wanted[..., :, None] == self.slot_blocks[..., None, :]) & (wanted >= 0)[..., None]  # [.., want, slot]
-        hit = held.any(-1)
-        first = (wanted[..., :, None] == wanted[..., None, :]).long().argmax(-1)  # first entry wanting that block
-        new = (first == torch.arange(wanted_count, device=self.device)) & ~hit & (wanted >= 0)  # one fetch a block
-        free = torch.where(held.any(-2), torch.iinfo(torch.long).max, self.slot_used)
-        victims = free.argsort(dim=-1, stable=True)  # slots not wanted now, least recently used (or never) first
-        victim = victims.gather(-1, (new.long().cumsum(-1) - 1).clamp(min=0))
-        slot = torch.where(hit, held.long().argmax(-1), victim.gather(-1, first))
-        spare = torch.full((batch, kv_heads, 1), -1, dtype=torch.long, device=self.device)
-        stamp = chunk.index.expand_as(slot)
-        for store, index, value in ((self.slot_blocks, torch.where(new, victim, slots), wanted),
-                                    (self.slot_used, torch.where(wanted >= 0, slot, slots), stamp)):
-            store.copy_(torch.cat([store, spare], -1).scatter_(-1, index, value)[..., :slots])  # in place for graphs
-        source = torch.where(new, wanted, -1)
+        if selected.is_cuda and assign_slots_triton is not None:  # one kernel instead of some twenty a layer
+            slot, valid, source, victim = assign_slots_triton(selected, valid, chunk.length, self.slot_blocks,
+                                                              self.slot_used, chunk.index)
+        else:
+            slot, valid, source, victim = assign_slots(selected, valid, chunk.length, self.slot_blocks,
+                                                       self.slot_used, chunk.index)
         copy_blocks(self.keys, self.slot_keys, source, victim)
         copy_blocks(self.values, self.slot_values, source, victim)
-        return RetrievedBlocks(slot.reshape(selected.shape), valid, starts, self.slot_keys, self.slot_values)
+        return RetrievedBlocks(slot, valid, starts, self.slot_keys, self.slot_values)
+
+
+def assign_slots(selected, valid, length, slot_blocks, slot_used, stamp):
+    """The slots serving a pass's picks [batch, q_heads, retrievers, k] (`OffloadedCacheLayer.fetch`) with PyTorch;
+    `kernels/slot_assignment.assign_slots` computes the same on CUDA (its docstring has the contract). Updates the
+    slot tables [batch, kv_heads, slots] in place; returns (slot, valid, source, victim)."""
+    batch, q_heads, retrievers, k = selected.shape
+    kv_heads, slots = slot_blocks.shape[1:]
+    device = selected.device
+    if retrievers > 1:  # per-token selections of padding queries fetch nothing
+        real = torch.arange(retrievers, device=device) < length[:, None]
+        valid = valid & real[:, None, :, None]
+    wanted = torch.where(valid, selected, -1).reshape(batch, kv_heads, -1)  # a key/value head's query heads
+    wanted_count = wanted.shape[-1]
+    held = (wanted[..., :, None] == slot_blocks[..., None, :]) & (wanted >= 0)[..., None]  # [.., want, slot]
+    hit = held.any(-1)
+    first = (wanted[..., :, None] == wanted[..., None, :]).long().argmax(-1)  # first entry wanting that block
+    new = (first == torch.arange(wanted_count, device=device)) & ~hit & (wanted >= 0)  # one fetch a block
+    free = torch.where(held.any(-2), torch.iinfo(torch.long).max, slot_used)
+    victims = free.argsort(dim=-1, stable=True)  # slots not wanted now, least recently used (or never) first
+    victim = victims.gather(-1, (new.long().cumsum(-1) - 1).clamp(min=0))
+    slot = torch.where(hit, held.long().argmax(-1), victim.gather(-1, first))
+    spare = torch.full((batch, kv_heads, 1), -1, dtype=torch.long, device=device)
+    pass_index = stamp.expand_as(slot)
+    for table, index, value in ((slot_blocks, torch.where(new, victim, slots), wanted),
+                                (slot_used, torch.where(wanted >= 0, slot, slots), pass_index)):
+        table.copy_(torch.cat([table, spare], -1).scatter_(-1, index, value)[..., :slots])  # in place for graphs
+    return slot.reshape(selected.shape), valid, torch.where(new, wanted, -1), victim
 
 
 class LandmarkRetrievalCache(Cache):
