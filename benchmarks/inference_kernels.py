@@ -74,14 +74,22 @@ def decode(args, store, results):
         return selection.select_blocks(query, landmarks, keys[:, :, :, -1], row_start, num_blocks, BLOCK_SIZE,
                                        TOP_K, True, inv_freq, scale, 1e-5)
 
-    names = ("DECODE_ON_TENSOR_CORES", "DECODE_SCORE_TILE", "DECODE_SCORE_PROGRAMS", "DECODE_SCORE_MAX_REGISTERS")
-    shipped = [getattr(selection, name) for name in names] + [selection.SCORE_WARPS["decoding"],
-                                                              selection.TOP_K_BLOCKS_PER_WARP["decoding"]]
+    names = ("DECODE_ON_TENSOR_CORES", "DECODE_SCORE_PROGRAMS", "DECODE_SCORE_MAX_REGISTERS")
+    one_head = not selection.DECODE_ON_TENSOR_CORES or args.kv_heads == Q_HEADS  # scored on the CUDA cores
+    grouped = selection.DECODE_SCORE_TILE, selection.SCORE_WARPS["decoding"]
+    tile, warps = selection.ONE_HEAD_DECODE if one_head else grouped
+    shipped = (selection.DECODE_ON_TENSOR_CORES, tile, selection.DECODE_SCORE_PROGRAMS,
+               selection.DECODE_SCORE_MAX_REGISTERS, warps, selection.TOP_K_BLOCKS_PER_WARP["decoding"])
+    module_state = {name: getattr(selection, name) for name in (*names, "DECODE_SCORE_TILE", "ONE_HEAD_DECODE")}
+    warps_state = dict(selection.SCORE_WARPS), dict(selection.TOP_K_BLOCKS_PER_WARP)
 
-    def apply(setting):  # (the module settings of `names`, scoring warps, the top k's blocks a warp)
-        for name, value in zip(names, setting):
+    def apply(setting):  # (tensor cores, scoring tile, programs, register cap, scoring warps, the top k's per warp)
+        on_tensor_cores, tile, programs, cap, warps, per_warp = setting
+        for name, value in zip(names, (on_tensor_cores, programs, cap)):
             setattr(selection, name, value)
-        selection.SCORE_WARPS["decoding"], selection.TOP_K_BLOCKS_PER_WARP["decoding"] = setting[4:]
+        selection.DECODE_SCORE_TILE, selection.SCORE_WARPS["decoding"] = tile, warps
+        selection.ONE_HEAD_DECODE = (tile, warps)
+        selection.TOP_K_BLOCKS_PER_WARP["decoding"] = per_warp
 
     # the scoring's settings at the shipped top k (first: a head's queries on the CUDA cores, a program a tile), then
     # the top k's at the shipped scoring
@@ -100,7 +108,9 @@ def decode(args, store, results):
         record(results, kernel="select_blocks", tensor_cores=setting[0], score_tile=setting[1],
                score_programs=setting[2], score_max_registers=setting[3], score_warps=setting[4],
                top_k_blocks_per_warp=setting[5], us=1e3 * do_bench_cudagraph(select), same=same)
-    apply(shipped)
+    for name, value in module_state.items():  # the shipped settings
+        setattr(selection, name, value)
+    selection.SCORE_WARPS, selection.TOP_K_BLOCKS_PER_WARP = warps_state
     record(results, kernel="select_blocks", split=kernel_times(select),
            scoring_resources=resources(selection._landmark_scores_kernel))
     selected, valid, starts = reference

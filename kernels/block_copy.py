@@ -19,7 +19,7 @@ except ImportError as error:
 
 __all__ = ["copy_blocks"]
 
-TILE = 1024  # elements moved per step of a program's loop over its block
+TILE = 1024  # elements a program moves (a block takes several programs)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -33,6 +33,8 @@ def _copy_blocks_kernel(
     stride_ib, stride_ih,
     heads, BLOCK_ELEMENTS: tl.constexpr, TILE: tl.constexpr,
 ):
+    """Tile program_id(2) of pair program_id(0) of row and head program_id(1): each program moves one tile, so that
+    all of a block's reads are in flight at once (reads of host memory over PCIe wait microseconds each)."""
     i_p = tl.program_id(0)
     i_b = tl.program_id(1) // heads
     i_h = tl.program_id(1) % heads
@@ -42,10 +44,9 @@ def _copy_blocks_kernel(
         target = tl.load(dst_blocks + p_index)
         p_src = src + i_b.to(tl.int64) * stride_sb + source * stride_sc + i_h * stride_sh
         p_dst = dst + i_b.to(tl.int64) * stride_db + target * stride_dc + i_h * stride_dh
-        for begin in range(0, BLOCK_ELEMENTS, TILE):
-            offsets = begin + tl.arange(0, TILE)
-            inside = offsets < BLOCK_ELEMENTS
-            tl.store(p_dst + offsets, tl.load(p_src + offsets, mask=inside), mask=inside)
+        offsets = tl.program_id(2) * TILE + tl.arange(0, TILE)
+        inside = offsets < BLOCK_ELEMENTS
+        tl.store(p_dst + offsets, tl.load(p_src + offsets, mask=inside), mask=inside)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -84,11 +85,12 @@ def copy_blocks(src, dst, src_blocks, dst_blocks):
     if batch * heads * pairs == 0:
         return
     elements = block_size * head_dim
-    _copy_blocks_kernel[(pairs, batch * heads)](
+    tile = min(TILE, triton.next_power_of_2(elements))
+    _copy_blocks_kernel[(pairs, batch * heads, triton.cdiv(elements, tile))](
         src, dst, src_blocks, dst_blocks,
         src.stride(0), src.stride(1), src.stride(2),
         dst.stride(0), dst.stride(1), dst.stride(2),
         src_blocks.stride(0), src_blocks.stride(1),
-        heads, BLOCK_ELEMENTS=elements, TILE=min(TILE, triton.next_power_of_2(elements)), num_warps=4,
+        heads, BLOCK_ELEMENTS=elements, TILE=tile, num_warps=4,
         enable_fp_fusion=True,  # explicit: Triton 3.10 turns the default off
     )

@@ -118,10 +118,10 @@ INFERENCE_KERNELS = {
     "retrieval_merge": (
         retrieval._merge_splits_kernel, dict(partial="fp32", out="bf16"), dict(HALF=64, HALF_PAD=64, SPLITS=8), 1),
     "block_scores": _block_scores(  # a pass of 3-15 queries a head
-        block_selection.SCORE_WARPS["decoding"], HEADS=1, BLOCK_M=16, TILE=32, DK=8, USE_DOT=False, NATIVE_DOT=False,
+        block_selection.ONE_HEAD_DECODE[1], HEADS=1, BLOCK_M=16, TILE=32, DK=8, USE_DOT=False, NATIVE_DOT=False,
         LOOP_TILES=True),
     "block_scores_decoding": _block_scores(  # two queries a head, the settings shipped
-        block_selection.SCORE_WARPS["decoding"], HEADS=1, BLOCK_M=2, TILE=block_selection.DECODE_SCORE_TILE, DK=64,
+        block_selection.ONE_HEAD_DECODE[1], HEADS=1, BLOCK_M=2, TILE=block_selection.ONE_HEAD_DECODE[0], DK=64,
         USE_DOT=False, NATIVE_DOT=False, LOOP_TILES=True),
     "block_scores_decoding_tensor_cores": _block_scores(  # two queries of a group's four heads together
         block_selection.SCORE_WARPS["decoding"], HEADS=4, BLOCK_M=16, TILE=block_selection.DECODE_SCORE_TILE, DK=64,

@@ -165,9 +165,9 @@ def test_pass_of_several_chunks_selects_as_passes_of_one_chunk(positions, width,
 def test_decoding_selection_on_cuda_equals_the_pytorch_selection(dtype, kv_heads, width, tensor_cores, programs,
                                                                  monkeypatch):
     """A decoding step at the real shape (32 query heads of 128, block 64, top-k 4, 3,000 blocks a row) on the GPU,
-    in the shipped launch settings and the candidate ones (a group's heads scored together on the tensor cores,
-    programs looping over block tiles): the compiled kernels pick the blocks the PyTorch selection picks, for both
-    stingy and true positions."""
+    with a group's heads scored together on the tensor cores (shipped for GQA; MHA scores one head's on the CUDA
+    cores either way) or one head's on the CUDA cores, a program a tile of blocks or programs looping over them: the
+    compiled kernels pick the blocks the PyTorch selection picks, for both stingy and true positions."""
     monkeypatch.setattr(block_selection, "DECODE_ON_TENSOR_CORES", tensor_cores)
     monkeypatch.setattr(block_selection, "DECODE_SCORE_PROGRAMS", programs)
     batch, q_heads, head_dim, block_size, capacity = 2, 32, 128, 64, 3000

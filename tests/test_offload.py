@@ -204,7 +204,8 @@ def test_blocks_go_to_host_memory_once_when_they_complete(monkeypatch):
     assert sorted(written) == list(range(complete))  # every complete block, once
 
 
-@pytest.mark.parametrize("dtype,block_size,head_dim", [(torch.float32, 8, 16), (torch.bfloat16, 7, 80)])
+@pytest.mark.parametrize("dtype,block_size,head_dim", [(torch.float32, 8, 16), (torch.bfloat16, 7, 80),
+                                                       (torch.bfloat16, 64, 40)])  # three programs a block
 def test_block_copy_kernel_equals_indexing(dtype, block_size, head_dim):
     batch, heads, pairs = 2, 3, 5
     src = torch.randn(batch, 9, heads, block_size, head_dim).to(dtype)

@@ -53,19 +53,24 @@ CANDIDATE_BLOCKS = 512
 # at 256, 16.3-17.8 from 64 to 512)
 TOP_K_BLOCKS_PER_WARP = dict(decoding=256, prefill=512)
 # a decoding step scores tiles of this many blocks a program; a scoring program's warps (inference_kernels.py
-# --decode, the 7B shape at 128k: selection 16.7 us a layer at tiles of 32 and 1 warp, 22.4 at 4, 18.3 at tiles of
-# 64, 31.3 at 128)
-DECODE_SCORE_TILE = 32
-SCORE_WARPS = dict(decoding=1, prefill=4)
+# --decode, Llama 3 8B attention on an H100, 2026-12-06: selection 12.0 / 21.3 us a layer at 32k / 512k with a group's
+# heads on the tensor cores in tiles of 64 and 2 warps, against 15.8 / 73.5 with one head's on the CUDA cores in tiles
+# of 32 and 1 warp; tiles of 32 or 128, 1 or 4 warps, fewer looping programs and register caps were slower)
+DECODE_SCORE_TILE = 64
+SCORE_WARPS = dict(decoding=2, prefill=4)
+# (tile of blocks, warps) of a decoding step that scores one head's queries on the CUDA cores (MHA, or tensor cores
+# off), also the warps of passes of 3-15 queries (the 7B shape at 128k, 2026-12-03: 16.7 us a layer at (32, 1), 18.3 at
+# tiles of 64, 22.4 at 4 warps)
+ONE_HEAD_DECODE = (32, 1)
 # a prefill pass (at least 64 queries) scores tiles of this many queries of a head against this many blocks
 PREFILL_SCORE_TILES = (64, 64)
-# Candidates for a decoding step, not yet measured on a GPU (benchmarks/inference_kernels.py --decode sweeps them): the
-# heads of a key/value group scored together on the tensor cores, and at most this many scoring programs in all,
-# each looping over tiles of blocks (None: a program a tile). At 512k a step's 8,192 one-warp programs a layer run at
-# about 8 a multiprocessor (234 registers a thread, ptxas for sm_90): some five waves.
-DECODE_ON_TENSOR_CORES = False
+# a decoding step of grouped heads (GQA) scores the heads of a key/value group together on the tensor cores; a step
+# of MHA scores one head's queries on the CUDA cores. At most DECODE_SCORE_PROGRAMS scoring programs in all, each
+# looping over tiles of blocks (None: a program a tile), and a cap on their registers a thread: candidates the sweep
+# measures (neither helped)
+DECODE_ON_TENSOR_CORES = True
 DECODE_SCORE_PROGRAMS = None
-DECODE_SCORE_MAX_REGISTERS = None  # a cap on a decoding step's scoring registers a thread (more programs, spills)
+DECODE_SCORE_MAX_REGISTERS = None
 # sizes that change with the prompt and the pass, never specialised on (a new prompt length compiles nothing new)
 SCORE_SIZES = ["q_heads", "n", "chunk_length", "num_blocks", "top_k"]
 
@@ -386,13 +391,13 @@ def _score_tiles(n, half, kv_group):
         queries, tile = PREFILL_SCORE_TILES if n >= 64 else (16, 64)
         return queries, 1, tile, max(16, triton.next_power_of_2(half)), True
     queries = triton.next_power_of_2(n)
-    if queries <= 2 and DECODE_ON_TENSOR_CORES:
+    if queries <= 2 and DECODE_ON_TENSOR_CORES and kv_group > 1:
         heads = kv_group & -kv_group  # the largest power of two that divides the group
         heads = min(heads, 64 // queries)
         return max(16, heads * queries), heads, DECODE_SCORE_TILE, max(16, triton.next_power_of_2(half)), True
     block_m = min(16, queries)
     if block_m <= 2:
-        return block_m, 1, DECODE_SCORE_TILE, triton.next_power_of_2(half), False
+        return block_m, 1, ONE_HEAD_DECODE[0], triton.next_power_of_2(half), False
     return block_m, 1, 32 if block_m == 16 else 64, 8, False
 
 
@@ -461,7 +466,8 @@ def select_blocks(query, landmarks, in_block_landmarks, row_start, num_blocks, b
         BLOCK_M=block_m, TILE=tile, DK=dk, USE_DOT=use_dot, SPLIT=sixteen_bit,
         NATIVE_DOT=use_dot and sixteen_bit and query.dtype == landmarks.dtype,
         UPCAST_DOT=_interpreting() and landmarks.dtype == torch.bfloat16, LOOP_TILES=step == "decoding",
-        num_warps=SCORE_WARPS[step], maxnreg=DECODE_SCORE_MAX_REGISTERS if step == "decoding" else None,
+        num_warps=SCORE_WARPS[step] if use_dot else ONE_HEAD_DECODE[1],
+        maxnreg=DECODE_SCORE_MAX_REGISTERS if step == "decoding" else None,
         enable_fp_fusion=True,  # explicit: Triton 3.10 turns the default off
     )
     group_tiles = min(num_tiles, max(triton.next_power_of_2(2 * k), CANDIDATE_BLOCKS // tile))
