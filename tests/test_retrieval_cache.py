@@ -330,6 +330,22 @@ def test_retrieval_kernel_serves_the_cache_like_the_eager_path(monkeypatch, gran
     assert max(widths) == max(passes)
 
 
+@pytest.mark.parametrize("granularity", ["chunk", "token"])
+def test_chunks_of_one_position_decode_the_same_with_static_passes(granularity):
+    """With prefill_chunk_length=1 a decoding step's token and landmark slot are two chunks, each selecting on its
+    own: the static passes (cuda_graphs on) give the scores of exact ones."""
+    model = tiny_landmark_model(train_context_length=64, retrieval_top_k=2)
+    ids, mask, _ = left_padded([40, 23])
+    scores = []
+    with torch.no_grad():
+        for cuda_graphs in (True, False):
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=PAD_ID,
+                                 output_scores=True, return_dict_in_generate=True, prefill_chunk_length=1,
+                                 retrieval_granularity=granularity, cuda_graphs=cuda_graphs)
+            scores.append(torch.stack(out.scores, 1))
+    torch.testing.assert_close(scores[0], scores[1], atol=1e-5, rtol=1e-5)
+
+
 def test_step_graphs_warm_capture_and_replay_like_plain_passes(monkeypatch):
     """The CUDA-graph bookkeeping on the CPU, with a stand-in graph whose replay runs the captured pass on its static
     inputs: a pass whose buffers are new runs plainly, the next is captured and replayed, a store that grows starts

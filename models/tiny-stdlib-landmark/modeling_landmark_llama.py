@@ -438,7 +438,8 @@ class LandmarkLlamaModel(LandmarkLlamaPreTrainedModel, LlamaModel):
         per_layer_outputs = any(kwargs.get(name, getattr(self.config, name, False))
                                 for name in ("output_hidden_states", "output_attentions"))
         static = cache is not None and cache.settings.cuda_graphs and not per_layer_outputs
-        if static and length == 1:  # a decoding step
+        # a decoding step: the token and its landmark slot, one chunk (a chunk length of 1 runs them as two passes)
+        if static and length == 1 and cache.settings.prefill_chunk_length > 1:
             outputs = BaseModelOutputWithPast(last_hidden_state=self._decode_step(inputs_embeds, attention_mask, cache,
                                                                                   **kwargs))
         else:
