@@ -133,6 +133,13 @@ INFERENCE_KERNELS = {
         block_selection._top_blocks_kernel,
         dict(scratch="fp32", tile_stats="fp32", row_start="i64", selected="i64", valid="i1", starts="i64"),
         dict(STINGY=True, BLOCK_SIZE=64, K_PAD=4, TILE=64, NUM_TILES=64, GROUP_TILES=8, ONE_PASS=True), 1),
+    "chunk_probabilities": (  # per-chunk selection: each query's softmax and the blocks' highest probability
+        block_selection._chunk_probabilities_kernel,
+        dict(scratch="fp32", row_start="i64", lengths="i64", norms="fp32", chunk_scores="fp32", chunk_stats="fp32"),
+        dict(BLOCK_SIZE=64, TILE=block_selection.DECODE_SCORE_TILE, WIDE=block_selection.CHUNK_WIDE_BLOCKS), 4),
+    "query_norms": (  # per-chunk selection: a query's softmax normaliser
+        block_selection._query_norms_kernel, dict(scratch="fp32", row_start="i64", lengths="i64", norms="fp32"),
+        dict(BLOCK_SIZE=64, WIDE=block_selection.CHUNK_WIDE_BLOCKS), 4),
     "chunk_write": (
         chunk_write._write_chunk_kernel,
         dict(q="bf16", k="bf16", v="bf16", q_out="bf16", key_store="bf16", value_store="bf16", landmarks="bf16",

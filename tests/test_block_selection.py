@@ -70,6 +70,42 @@ def test_fused_selection_equals_the_pytorch_selection(positions, batch, q_heads,
         assert not expected.valid[0].any() and (expected.valid[1].sum(-1) == 2).all()
 
 
+@pytest.mark.parametrize("positions", ["stingy", "true"])
+@pytest.mark.parametrize("batch, q_heads, kv_heads, width, head_dim, block_size, top_k, capacity, wide", [
+    (3, 4, 2, 5, 16, 8, 3, 20, None),  # GQA; rows with 0, 2 (< k) and many blocks; a row of padding alone
+    # a decoding step (a group's heads scored together), rows of three slices of 64 blocks
+    (2, 8, 2, 2, 16, 4, 1, 140, 64),  # (k of 1: the tiles' maxima decide which tiles the top k reads)
+    # a prefill chunk on the tensor cores, head_dim and block size no powers of two, slices of two score tiles
+    (2, 2, 1, 21, 12, 5, 1, 90, 128),
+])
+def test_fused_chunk_selection_equals_the_pytorch_selection(positions, batch, q_heads, kv_heads, width, head_dim,
+                                                            block_size, top_k, capacity, wide, monkeypatch):
+    """Per-chunk selection on the kernels (scores, each real query's softmax, the blocks' highest probability, the
+    top k) against the PyTorch selection: the same blocks, validity and starts, padding queries left out."""
+    if wide is not None:  # rows of several programs' slices
+        monkeypatch.setattr(block_selection, "CHUNK_WIDE_BLOCKS", wide)
+    generator = torch.Generator().manual_seed(capacity + width + 7)
+    layer = _layer(batch, kv_heads, capacity, block_size, head_dim, generator)
+    complete = torch.randint(capacity // 2, capacity - 1, (batch,), generator=generator)
+    lengths = torch.randint(1, width + 1, (batch,), generator=generator)
+    if batch == 3:
+        complete[:2] = torch.tensor([0, 2])
+        lengths[2] = 0
+    layer.landmarks[:, 5:8] = layer.landmarks[:, 8:9]  # exact ties
+    start = complete * block_size + torch.randint(0, block_size - 1, (batch,), generator=generator)
+    chunk = ChunkPositions(start, lengths, capacity - 1, block_size - 1, torch.tensor(0))
+    query = torch.randn(batch, q_heads, width, head_dim, generator=generator)
+    settings = RetrievalSettings(top_k, "chunk", positions, 10, True, False)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    expected = layer.retrieve(query, chunk, settings, inv_freq, 0.3)
+    fused = layer.retrieve(query, chunk, settings, inv_freq, 0.3, use_kernel=True)
+    assert torch.equal(fused.valid, expected.valid) and expected.valid.any()
+    assert torch.equal(fused.blocks, expected.blocks)
+    assert torch.equal(fused.starts, expected.starts)
+    if batch == 3:  # no blocks, or no real query: nothing picked
+        assert not expected.valid[0].any() and not expected.valid[2].any()
+
+
 @triton.jit
 def _highest_below_of(scores, weights, out, below, N: tl.constexpr, ONE_PASS: tl.constexpr):
     i = tl.arange(0, N)

@@ -23,8 +23,8 @@ def test_every_config_compiles_for_sm90():
     assert set(inference) == {"retrieval_attention", "retrieval_attention_spread", "retrieval_attention_tiles",
                               "retrieval_attention_tiles_one_row", "retrieved_shares", "retrieval_merge",
                               "block_scores", "block_scores_decoding", "block_scores_decoding_tensor_cores",
-                              "block_scores_tensor_cores", "block_top_k", "chunk_write", "block_copy",
-                              "slot_assignment"}
+                              "block_scores_tensor_cores", "block_top_k", "query_norms", "chunk_probabilities",
+                              "chunk_write", "block_copy", "slot_assignment"}
     assert all(row["cubin_bytes"] > 0 for row in inference.values())
     rows = [row for row in rows if "dtype" in row]
     for row in rows:

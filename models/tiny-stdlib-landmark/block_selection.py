@@ -1,5 +1,7 @@
-"""Block selection of the block-retrieval cache for per-token retrieval, as one Triton kernel: each query's landmark
-scores, its top k blocks with the cache's tie rule, and the positions the retrieval assigns them.
+"""Block selection of the block-retrieval cache as Triton kernels: each query's landmark scores, its top k blocks with
+the cache's tie rule, and the positions the retrieval assigns them (`select_blocks`, per-token retrieval); or, for
+per-chunk retrieval (`select_chunk_blocks`), the top k of each block's highest softmax probability among the chunk's
+queries.
 
 Paper: A. Mohtashami and M. Jaggi, NeurIPS 2023, arXiv:2305.16300, section 3.2 (3.2.1 for stingy positions).
 
@@ -43,7 +45,7 @@ except ImportError as error:
 from .landmark_attention import _dot, _interpreting  # tl.dot as the training kernel runs it, interpreter included
 from .retrieval_attention import _chunk_first_block, _cos_sin, _turn  # as the attention kernel computes them
 
-__all__ = ["select_blocks"]
+__all__ = ["select_blocks", "select_chunk_blocks"]
 
 # the top k of a row reads the score tiles that can hold its picks in groups of at least this many blocks (at least
 # twice k tiles), the first held in registers: one group in all but rows of near ties
@@ -71,6 +73,9 @@ PREFILL_SCORE_TILES = (64, 64)
 DECODE_ON_TENSOR_CORES = True
 DECODE_SCORE_PROGRAMS = None
 DECODE_SCORE_MAX_REGISTERS = None
+# per-chunk selection reads score rows this many blocks a step (a power of two): a query's normaliser, then the
+# blocks' highest probability, a program a slice of this many blocks of a row
+CHUNK_WIDE_BLOCKS = 1024
 # sizes that change with the prompt and the pass, never specialised on (a new prompt length compiles nothing new)
 SCORE_SIZES = ["q_heads", "n", "chunk_length", "num_blocks", "top_k"]
 
@@ -373,6 +378,61 @@ def _top_blocks_kernel(
     tl.store(starts + p_out, start, mask=slot < k)
 
 
+@triton.jit(do_not_specialize=["q_heads", "n", "num_blocks"])
+def _query_norms_kernel(scratch, row_start, lengths, norms, q_heads, n, num_blocks, row_stride,
+                        BLOCK_SIZE: tl.constexpr, WIDE: tl.constexpr):
+    """Per-chunk selection, a real query's scratch row: the highest score and the sum of exponentials over the
+    chunk's complete blocks (its softmax's normaliser) -> norms[row]."""
+    row = tl.program_id(0).to(tl.int64)
+    i_b = row // (q_heads * n)
+    if row % n < tl.minimum(tl.load(lengths + i_b), n):
+        complete = tl.minimum(tl.load(row_start + i_b) // BLOCK_SIZE, num_blocks)
+        p_row = scratch + row * row_stride + tl.arange(0, WIDE)
+        top = tl.full([WIDE], -float("inf"), tl.float32)
+        for j in range(0, complete, WIDE):
+            inside = j + tl.arange(0, WIDE) < complete
+            top = tl.maximum(top, tl.load(p_row + j, mask=inside, other=-float("inf")))
+        highest = tl.max(top, 0)
+        total = tl.zeros([WIDE], tl.float32)
+        for j in range(0, complete, WIDE):
+            inside = j + tl.arange(0, WIDE) < complete
+            total += tl.where(inside, tl.exp(tl.load(p_row + j, mask=inside, other=0.0) - highest), 0.0)
+        tl.store(norms + 2 * row, highest)
+        tl.store(norms + 2 * row + 1, tl.sum(total, 0))
+
+
+@triton.jit(do_not_specialize=["q_heads", "n", "num_blocks"])
+def _chunk_probabilities_kernel(
+    scratch, row_start, lengths, norms, chunk_scores, chunk_stats,
+    q_heads, n, num_blocks, row_stride, stats_stride, stats_rows,
+    BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, WIDE: tl.constexpr,
+):
+    """Per-chunk selection, blocks program_id(1) * WIDE onwards of row (batch, head) program_id(0): each block's
+    highest softmax probability among the chunk's real queries (their n scratch rows) -> chunk_scores; each tile's
+    highest and largest magnitude -> chunk_stats, as the scoring kernel writes them for the top k."""
+    row = tl.program_id(0).to(tl.int64)
+    i_b = row // q_heads
+    complete = tl.minimum(tl.load(row_start + i_b) // BLOCK_SIZE, num_blocks)
+    first = tl.program_id(1) * WIDE
+    if first < complete:
+        c = first + tl.arange(0, WIDE)
+        exists = c < complete
+        highest = tl.full([WIDE], -float("inf"), tl.float32)
+        for q in range(0, tl.minimum(tl.load(lengths + i_b), n)):
+            query_row = row * n + q
+            score = tl.load(scratch + query_row * row_stride + c, mask=exists, other=-float("inf"))
+            probability = tl.exp(score - tl.load(norms + 2 * query_row)) / tl.load(norms + 2 * query_row + 1)
+            highest = tl.maximum(highest, tl.where(exists, probability, -float("inf")))
+        tl.store(chunk_scores + row * row_stride + c, highest, mask=c < num_blocks)
+        tiles = tl.reshape(highest, [WIDE // TILE, TILE])
+        index = first // TILE + tl.arange(0, WIDE // TILE)
+        p_stats = chunk_stats + row * stats_stride + index
+        in_stats = index < stats_stride
+        tl.store(p_stats, tl.max(tiles, 1), mask=in_stats)
+        tl.store(p_stats + stats_rows * stats_stride, tl.max(tl.where(tiles == -float("inf"), 0.0, tiles), 1),
+                 mask=in_stats)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Layer 2: the launcher and the public function
 # ---------------------------------------------------------------------------------------------------------
@@ -418,6 +478,64 @@ def select_blocks(query, landmarks, in_block_landmarks, row_start, num_blocks, b
     Returns (selected [batch, q_heads, n, k] int64 in block order, 0 where unpicked; valid [batch, q_heads, n, k] bool;
     starts [batch, q_heads, n, k] int64).
     """
+    batch, q_heads, n, _ = query.shape
+    chunk_length = max(n, 1) if chunk_length is None else chunk_length
+    outputs = _selection_outputs((batch, q_heads, n, min(top_k, num_blocks)), query.device)
+    if outputs[0].numel() == 0:
+        return outputs
+    row_start = _check_selection_inputs(query, landmarks, in_block_landmarks, row_start, num_blocks, chunk_length)
+    scratch, tile_stats, tile = _launch_scores(query, landmarks, in_block_landmarks, row_start, num_blocks,
+                                               block_size, top_k, stingy, inv_freq, scale, chunk_length)
+    _launch_top_k(scratch, tile_stats, tile, row_start, outputs, q_heads * n, n, chunk_length, num_blocks,
+                  block_size, top_k, stingy, tie_tolerance, "prefill" if n >= DOT_FROM else "decoding")
+    return outputs
+
+
+def select_chunk_blocks(query, landmarks, in_block_landmarks, row_start, lengths, num_blocks, block_size, top_k,
+                        stingy, inv_freq, scale, tie_tolerance):
+    """Per-chunk block selection (`retrieval_granularity="chunk"`): the blocks the chunk's queries reach together.
+
+    Each real query's landmark scores (as `select_blocks` computes them, all n queries one chunk) become softmax
+    probabilities over its row's complete blocks; a block's score for the chunk is its highest probability among the
+    row's first `lengths` [batch] queries; the top k of those with the tie rule, and the starts. Other arguments as
+    `select_blocks`'s. Returns (selected, valid, starts), each [batch, q_heads, 1, k]."""
+    batch, q_heads, n, _ = query.shape
+    outputs = _selection_outputs((batch, q_heads, 1, min(top_k, num_blocks)), query.device)
+    if outputs[0].numel() == 0 or n == 0:
+        return tuple(t.fill_(0) for t in outputs)
+    if lengths.shape != (batch,):
+        raise ValueError(f"select_chunk_blocks: lengths must be [{batch}], got {tuple(lengths.shape)}.")
+    row_start = _check_selection_inputs(query, landmarks, in_block_landmarks, row_start, num_blocks, n)
+    scratch, _, tile = _launch_scores(query, landmarks, in_block_landmarks, row_start, num_blocks, block_size,
+                                      top_k, stingy, inv_freq, scale, n)
+    chunk_scores = torch.empty(batch * q_heads, scratch.shape[1], dtype=torch.float32, device=query.device)
+    chunk_stats = torch.empty(2, batch * q_heads, triton.cdiv(num_blocks, tile), dtype=torch.float32,
+                              device=query.device)
+    norms = torch.empty(batch * q_heads * n, 2, dtype=torch.float32, device=query.device)
+    lengths = lengths.long().contiguous()
+    wide = max(tile, CHUNK_WIDE_BLOCKS)  # (not from the block count: no new compile as a prompt grows)
+    _query_norms_kernel[(batch * q_heads * n,)](
+        scratch, row_start, lengths, norms, q_heads, n, num_blocks, scratch.shape[1], BLOCK_SIZE=block_size,
+        WIDE=wide, num_warps=4,
+    )
+    _chunk_probabilities_kernel[(batch * q_heads, triton.cdiv(num_blocks, wide))](
+        scratch, row_start, lengths, norms, chunk_scores, chunk_stats,
+        q_heads, n, num_blocks, scratch.shape[1], chunk_stats.stride(1), chunk_stats.shape[1],
+        BLOCK_SIZE=block_size, TILE=tile, WIDE=wide, num_warps=4,
+    )
+    _launch_top_k(chunk_scores, chunk_stats, tile, row_start, outputs, q_heads, 1, 1, num_blocks, block_size, top_k,
+                  stingy, tie_tolerance, "decoding")
+    return outputs
+
+
+def _selection_outputs(shape, device):
+    """(selected, valid, starts), uninitialised, of `shape`."""
+    return (torch.empty(shape, dtype=torch.long, device=device), torch.empty(shape, dtype=torch.bool, device=device),
+            torch.empty(shape, dtype=torch.long, device=device))
+
+
+def _check_selection_inputs(query, landmarks, in_block_landmarks, row_start, num_blocks, chunk_length):
+    """The checks of both public functions; returns row_start as contiguous int64."""
     batch, q_heads, n, head_dim = query.shape
     kv_heads = landmarks.shape[2]
     if head_dim % 2 or q_heads % kv_heads or landmarks.shape[-1] != head_dim or num_blocks > landmarks.shape[1]:
@@ -427,29 +545,26 @@ def select_blocks(query, landmarks, in_block_landmarks, row_start, num_blocks, b
         )
     if landmarks.stride(-1) != 1 or in_block_landmarks.stride(-1) != 1 or query.stride(-1) != 1:
         raise ValueError("select_blocks: query and landmark keys need a unit last stride.")
-    chunk_length = max(n, 1) if chunk_length is None else chunk_length
     if chunk_length < 1 or row_start.shape != (batch,):
         raise ValueError(f"select_blocks: row_start must be [{batch}] and chunk_length positive, got "
                          f"{tuple(row_start.shape)} and {chunk_length}.")
-    k = min(top_k, num_blocks)
-    shape = (batch, q_heads, n, k)
-    selected = torch.empty(shape, dtype=torch.long, device=query.device)
-    valid = torch.empty(shape, dtype=torch.bool, device=query.device)
-    starts = torch.empty(shape, dtype=torch.long, device=query.device)
-    if selected.numel() == 0:
-        return selected, valid, starts
-    row_stride = -(-num_blocks // 16) * 16
-    scratch = torch.empty(batch * q_heads * n, row_stride, dtype=torch.float32, device=query.device)
-    row_start = row_start.long().contiguous()
-    block_m, heads, tile, dk, use_dot = _score_tiles(n, head_dim // 2, q_heads // kv_heads)
-    # score tiles a row, held as a power of two that changes with the block count's (no new compile a prompt)
-    num_tiles = max(1, triton.next_power_of_2(num_blocks) // tile)
-    tile_stats = torch.empty(2, batch * q_heads * n, triton.cdiv(num_blocks, tile), dtype=torch.float32,
-                             device=query.device)
-    sixteen_bit = landmarks.dtype in (torch.bfloat16, torch.float16)
     if in_block_landmarks.dtype != landmarks.dtype:
         raise ValueError("select_blocks: both landmark keys need one dtype, got "
                          f"{landmarks.dtype} and {in_block_landmarks.dtype}.")
+    return row_start.long().contiguous()
+
+
+def _launch_scores(query, landmarks, in_block_landmarks, row_start, num_blocks, block_size, top_k, stingy, inv_freq,
+                   scale, chunk_length):
+    """The scoring kernel: returns (scratch [rows, row_stride] scores, tile_stats [2, rows, tiles], TILE)."""
+    batch, q_heads, n, head_dim = query.shape
+    kv_heads = landmarks.shape[2]
+    row_stride = -(-num_blocks // 16) * 16
+    scratch = torch.empty(batch * q_heads * n, row_stride, dtype=torch.float32, device=query.device)
+    block_m, heads, tile, dk, use_dot = _score_tiles(n, head_dim // 2, q_heads // kv_heads)
+    tile_stats = torch.empty(2, batch * q_heads * n, triton.cdiv(num_blocks, tile), dtype=torch.float32,
+                             device=query.device)
+    sixteen_bit = landmarks.dtype in (torch.bfloat16, torch.float16)
     step = "prefill" if n >= DOT_FROM else "decoding"  # the launch settings' kind of pass
     groups = batch * q_heads // heads  # programs of one tile of blocks
     tile_programs = triton.cdiv(num_blocks, tile)
@@ -470,14 +585,23 @@ def select_blocks(query, landmarks, in_block_landmarks, row_start, num_blocks, b
         maxnreg=DECODE_SCORE_MAX_REGISTERS if step == "decoding" else None,
         enable_fp_fusion=True,  # explicit: Triton 3.10 turns the default off
     )
+    return scratch, tile_stats, tile
+
+
+def _launch_top_k(scores, tile_stats, tile, row_start, outputs, rows_per_batch, n, chunk_length, num_blocks,
+                  block_size, top_k, stingy, tie_tolerance, step):
+    """The top-k kernel over score rows [batch * rows_per_batch, row_stride] (n of a head) into `outputs`."""
+    selected, valid, starts = outputs
+    k = selected.shape[-1]
+    # score tiles a row, held as a power of two that changes with the block count's (no new compile a prompt)
+    num_tiles = max(1, triton.next_power_of_2(num_blocks) // tile)
     group_tiles = min(num_tiles, max(triton.next_power_of_2(2 * k), CANDIDATE_BLOCKS // tile))
-    _top_blocks_kernel[(batch * q_heads * n,)](
-        scratch, tile_stats, row_start, selected, valid, starts,
-        q_heads * n, n, chunk_length, num_blocks, k, top_k, float(tie_tolerance), row_stride, tile_stats.stride(1),
-        tile_stats.shape[1],
+    _top_blocks_kernel[(scores.shape[0],)](
+        scores, tile_stats, row_start, selected, valid, starts,
+        rows_per_batch, n, chunk_length, num_blocks, k, top_k, float(tie_tolerance), scores.shape[1],
+        tile_stats.stride(1), tile_stats.shape[1],
         STINGY=bool(stingy), BLOCK_SIZE=block_size, K_PAD=triton.next_power_of_2(k), TILE=tile, NUM_TILES=num_tiles,
         GROUP_TILES=group_tiles, ONE_PASS=not _interpreting(),
         num_warps=min(8, max(1, group_tiles * tile // TOP_K_BLOCKS_PER_WARP[step])),
         enable_fp_fusion=True,
     )
-    return selected, valid, starts

@@ -32,10 +32,12 @@ try:  # the device-side block copies and slot assignment of the offloaded cache,
     # the CPU runs PyTorch
     from .block_copy import copy_blocks as copy_blocks_triton
     from .block_selection import select_blocks as select_blocks_triton
+    from .block_selection import select_chunk_blocks as select_chunk_blocks_triton
     from .chunk_write import write_chunk as write_chunk_triton
     from .slot_assignment import assign_slots as assign_slots_triton
 except ImportError:
-    copy_blocks_triton = select_blocks_triton = write_chunk_triton = assign_slots_triton = None
+    copy_blocks_triton = select_blocks_triton = select_chunk_blocks_triton = write_chunk_triton = None
+    assign_slots_triton = None
 
 
 TIE_TOLERANCE = 1e-5  # relative: scores this close are equal (see `top_blocks`)
@@ -413,8 +415,9 @@ class LandmarkCacheLayer(CacheLayerMixin):
     def retrieve(self, query, chunk, settings, inv_freq, scaling, use_kernel=False):
         """Select blocks for the chunk's queries [batch, q_heads, width, head_dim] (rotated to their true positions).
 
-        Returns None when no row has a complete block yet, else `RetrievedBlocks`. `use_kernel`: per-token selection
-        runs as two Triton kernels (`select_blocks_triton`: scores, then the top k), which compute the same.
+        Returns None when no row has a complete block yet, else `RetrievedBlocks`. `use_kernel`: the selection runs
+        as Triton kernels (`select_blocks_triton` per token: scores, then the top k; `select_chunk_blocks_triton`
+        per chunk, with the probabilities' maximum between them), which compute the same.
         """
         block_size, top_k = self.block_size, settings.retrieval_top_k
         batch, q_heads, width, head_dim = query.shape
@@ -442,6 +445,11 @@ class LandmarkCacheLayer(CacheLayerMixin):
         if chunk.spans_chunks(width):
             raise ValueError("a pass of several chunks needs the kernels and per-token retrieval; "
                              "run one chunk a pass.")
+        if use_kernel:  # per-chunk selection: the scores, each query's softmax and their maximum, the top k
+            selected, valid, block_start = select_chunk_blocks_triton(
+                query, self.landmarks, self.in_block_landmarks(self.landmarks.shape[1]), chunk.start, chunk.length,
+                num_blocks, block_size, top_k, stingy, inv_freq, scaling, TIE_TOLERANCE)
+            return self.retrieved(selected, valid, block_start, chunk)
         blocks = chunk.once("complete blocks", lambda: chunk.start // block_size)  # of each row
         row_k, exists, older, window_start = chunk.once("block masks", block_masks)
 
