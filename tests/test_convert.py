@@ -32,7 +32,7 @@ def test_conversion_adds_tokens_and_keeps_the_stock_model(stock_folder, tmp_path
     assert sorted(p.name for p in out.glob("*.py")) == [
         "block_copy.py", "block_selection.py", "cache_landmark_llama.py", "chunk_write.py",
         "configuration_landmark_llama.py", "landmark_attention.py", "modeling_landmark_llama.py",
-        "retrieval_attention.py"]
+        "retrieval_attention.py", "slot_assignment.py"]
 
     weights = load_file(out / "model.safetensors")
     stock_weights = load_file(stock_folder / "model.safetensors")
