@@ -57,20 +57,22 @@ nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader |
 python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, \
 'transformers', transformers.__version__)" | tee -a "$out_dir/gpu.txt"
 status=0
+inference_kernels() {  # STEP PROMPTS SECONDS [options]: benchmarks/inference_kernels.py at the end of each prompt
+    local step=$1 prompts=$2 seconds=$3
+    shift 3
+    for prompt in $prompts; do
+        timeout "$seconds" python benchmarks/inference_kernels.py --out "$out_dir/$step/$prompt" --prompt "$prompt" \
+            "$@" 2>&1 | tee -a "$out_dir/$step.log" || status=1
+    done
+}
 for step in $steps; do
     case $step in
         tests) timeout 540 python -m pytest -q -m cuda -rA tests/test_kernels.py tests/test_retrieval_kernel.py \
                    tests/test_block_selection.py tests/test_gpu_model.py ${TESTS_FILTER:+-k "$TESTS_FILTER"} 2>&1 \
                    | tee "$out_dir/tests.log" || status=1 ;;
-        decode_kernels) for prompt in ${DECODE_PROMPTS:-32768 131072 524288}; do
-                   timeout 180 python benchmarks/inference_kernels.py --out "$out_dir/decode_kernels/$prompt" --decode \
-                       --kv-heads ${DECODE_KV_HEADS:-8} --prompt "$prompt" 2>&1 | tee -a "$out_dir/decode_kernels.log" \
-                       || status=1
-               done ;;
-        prefill_kernels) for prompt in ${PREFILL_PROMPTS:-32768 131072}; do
-                   timeout 240 python benchmarks/inference_kernels.py --out "$out_dir/prefill_kernels/$prompt" \
-                       --prompt "$prompt" 2>&1 | tee -a "$out_dir/prefill_kernels.log" || status=1
-               done ;;
+        decode_kernels) inference_kernels decode_kernels "${DECODE_PROMPTS:-32768 131072 524288}" 180 --decode \
+                            --kv-heads "${DECODE_KV_HEADS:-8}" ;;
+        prefill_kernels) inference_kernels prefill_kernels "${PREFILL_PROMPTS:-32768 131072}" 240 ;;
         generate) timeout 570 python benchmarks/generate.py --out "$out_dir/generate" ${GENERATE_OPTIONS:-} 2>&1 \
                    | tee -a "$out_dir/generate.log" || status=1 ;;
         bench) timeout 420 python benchmarks/attention.py --out "$out_dir/bench" 2>&1 | tee "$out_dir/bench.log" \

@@ -28,9 +28,11 @@ Layout. Two kernels, so that a decoding step (two queries a head) still spreads 
     every tie lies in a tile whose maximum reaches it less the tie margin. Those tiles' scores, in block order and
     held in registers (a group of them at a time where near ties make many), give the k-th highest by k counting
     passes, then the blocks above it and the ties in block order.
-Scores are as exact as fp32 products, like the PyTorch selection's: summed on the CUDA cores (a decoding step by
-default); on the tensor cores (a prefill pass), 16-bit keys against 16-bit queries as they are (exact products) and
-against fp32 (rotated) queries in three 16-bit parts, fp32 keys through 3xTF32.
+Per-chunk selection puts two kernels between them: each real query's softmax normaliser over its scratch row, then
+each block's highest probability among the chunk's queries, written as one row per head with its tile maxima.
+Scores are as exact as fp32 products, like the PyTorch selection's: summed on the CUDA cores (a decoding step of
+MHA); on the tensor cores (a prefill pass, a decoding step of grouped heads), 16-bit keys against 16-bit queries as
+they are (exact products) and against fp32 (rotated) queries in three 16-bit parts, fp32 keys through 3xTF32.
 """
 
 import torch
@@ -444,9 +446,9 @@ def _score_tiles(n, half, kv_group):
     PREFILL_SCORE_TILES queries of a head and blocks (16 queries and 64 blocks for a short one) on the tensor cores,
     the whole half at once; a decoding step (one or two queries a head) scores the queries of the heads that share a
     key/value head together (HEADS of them, a power of two), so that each landmark key is loaded once for all, on
-    the tensor cores too, or (with DECODE_ON_TENSOR_CORES off) one head's queries on the CUDA cores, a tile of
-    blocks loaded whole. Passes in between take tiles of up to 16 queries that share each landmark key they load,
-    the dimensions in slices of 8."""
+    the tensor cores too, or (MHA, or DECODE_ON_TENSOR_CORES off) one head's queries on the CUDA cores, a tile of
+    ONE_HEAD_DECODE blocks loaded whole. Passes in between take tiles of up to 16 queries that share each landmark
+    key they load, the dimensions in slices of 8."""
     if n >= DOT_FROM:
         queries, tile = PREFILL_SCORE_TILES if n >= 64 else (16, 64)
         return queries, 1, tile, max(16, triton.next_power_of_2(half)), True

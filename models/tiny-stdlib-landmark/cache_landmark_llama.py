@@ -18,6 +18,7 @@ host memory, and the device keeps the landmark keys, the recent blocks and the r
 """
 
 import weakref
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -570,7 +571,7 @@ class BlockStager:
     the rows' starting lengths, while its passes run. The buffer is then the layer's local store
     (`OffloadedCacheLayer.local_keys`): the layer's blocks from earlier forwards are copied here once (complete ones
     from the host, each row's tail from the ring), the passes write their keys and values here (any width: the buffer
-    holds every block), the blocks they complete go to the host from here (`write_back`: on CUDA on a side stream,
+    holds every block), the blocks they complete go to the host from here (`writing_back`: on CUDA on a side stream,
     overlapping the passes that follow), and `settle` puts each row's tail back into the ring before the next layer
     is held. `release` frees the buffer when the forward ends.
     Chunk by chunk through every layer (when per-layer outputs are asked for), each layer's chunk reloads the layer
@@ -610,29 +611,26 @@ class BlockStager:
             copy_blocks(layer.ring_keys, keys, source, target)
             copy_blocks(layer.ring_values, values, source, target)
 
-    def write_back(self, layer, source, target):
-        """Blocks a pass of the held `layer` completed (`copy_blocks` indices into this buffer and the host store) go
-        to the host. On CUDA the copy runs on a side stream: its PCIe writes overlap the layer's later passes, which
-        write only later blocks; the compute stream joins it before this buffer is refilled or freed, and so before
-        anything reads the host store."""
-        keys, values = self.buffers()
-        if not keys.is_cuda:
-            copy_blocks(keys, layer.keys, source, target)
-            copy_blocks(values, layer.values, source, target)
+    @contextmanager
+    def writing_back(self, source, target):
+        """Around the copies of blocks a pass of the held layer completed, from this buffer to the host store
+        (`source`, `target`: their `copy_blocks` indices). On CUDA they run on a side stream: their PCIe writes overlap
+        the layer's later passes, which write only later blocks; the compute stream joins it before this buffer is
+        refilled or freed, and so before anything reads the host store."""
+        if not source.is_cuda:
+            yield
             return
-        compute = torch.cuda.current_stream(keys.device)
         if self.copy_stream is None:
-            self.copy_stream = torch.cuda.Stream(keys.device)
-        self.copy_stream.wait_stream(compute)  # the pass has written the blocks
+            self.copy_stream = torch.cuda.Stream(source.device)
+        self.copy_stream.wait_stream(torch.cuda.current_stream(source.device))  # the pass has written the blocks
         with torch.cuda.stream(self.copy_stream):
-            copy_blocks(keys, layer.keys, source, target)
-            copy_blocks(values, layer.values, source, target)
-        for index in (source, target):  # (allocated on the compute stream, read here)
+            yield
+        for index in (source, target):  # (allocated on the compute stream, read there)
             index.record_stream(self.copy_stream)
         self.copies_pending = True
 
     def join_copies(self):
-        """The compute stream waits for the copies `write_back` started."""
+        """The compute stream waits for the copies `writing_back` started."""
         if self.copies_pending:
             torch.cuda.current_stream(self.copy_stream.device).wait_stream(self.copy_stream)
             self.copies_pending = False
@@ -764,12 +762,12 @@ class OffloadedCacheLayer(LandmarkCacheLayer):
 
         local_keys, local_values = self._local()
         source, target = chunk.once(("completed blocks", local_keys.shape[1]), completed)
-        if self.held_by_stager:
-            self.stager.write_back(self, source, target)
-            return
-        copy_blocks(local_keys, self.keys, source, target)
-        copy_blocks(local_values, self.values, source, target)
-        self.stager.append(self, source, target)
+        held = self.held_by_stager
+        with self.stager.writing_back(source, target) if held else nullcontext():
+            copy_blocks(local_keys, self.keys, source, target)
+            copy_blocks(local_values, self.values, source, target)
+        if not held:
+            self.stager.append(self, source, target)
 
     def retrieved(self, selected, valid, starts, chunk):
         batch, q_heads, retrievers, k = selected.shape
@@ -783,21 +781,20 @@ class OffloadedCacheLayer(LandmarkCacheLayer):
     def fetch(self, selected, valid, starts, chunk):
         """The selected blocks [batch, q_heads, retrievers, k] read from the slots; those not held are copied from
         host memory into the slots least recently used (and not wanted now). Static shapes, no host reads."""
-        if selected.is_cuda and assign_slots_triton is not None:  # one kernel instead of some twenty a layer
-            slot, valid, source, victim = assign_slots_triton(selected, valid, chunk.length, self.slot_blocks,
-                                                              self.slot_used, chunk.index)
-        else:
-            slot, valid, source, victim = assign_slots(selected, valid, chunk.length, self.slot_blocks,
-                                                       self.slot_used, chunk.index)
+        slot, valid, source, victim = assign_slots(selected, valid, chunk.length, self.slot_blocks, self.slot_used,
+                                                   chunk.index)
         copy_blocks(self.keys, self.slot_keys, source, victim)
         copy_blocks(self.values, self.slot_values, source, victim)
         return RetrievedBlocks(slot, valid, starts, self.slot_keys, self.slot_values)
 
 
 def assign_slots(selected, valid, length, slot_blocks, slot_used, stamp):
-    """The slots serving a pass's picks [batch, q_heads, retrievers, k] (`OffloadedCacheLayer.fetch`) with PyTorch;
-    `kernels/slot_assignment.assign_slots` computes the same on CUDA (its docstring has the contract). Updates the
-    slot tables [batch, kv_heads, slots] in place; returns (slot, valid, source, victim)."""
+    """The slots serving a pass's picks [batch, q_heads, retrievers, k] (`OffloadedCacheLayer.fetch`): by the Triton
+    kernel on CUDA (`kernels/slot_assignment.assign_slots`, whose docstring has the contract; one kernel instead of
+    some twenty a layer), with PyTorch on the CPU. Updates the slot tables [batch, kv_heads, slots] in place; returns
+    (slot, valid, source, victim)."""
+    if selected.is_cuda and assign_slots_triton is not None:
+        return assign_slots_triton(selected, valid, length, slot_blocks, slot_used, stamp)
     batch, q_heads, retrievers, k = selected.shape
     kv_heads, slots = slot_blocks.shape[1:]
     device = selected.device
