@@ -282,11 +282,16 @@ FSDP_ON_CPU = textwrap.dedent(
         with open(sys.argv[1], "w") as report:
             json.dump({"fsdp_enabled": trainer.is_fsdp_enabled, "sharded": sharded,
                        "world_size": trainer.args.world_size, "global_step": trainer.state.global_step}, report)
-    # tear the gloo group down before the interpreter exits: left to exit, its threads once aborted a rank
-    # ("terminate called without an active exception") after training had finished
+    # Every output is on disk now. End the process without the interpreter's finalization: there, objects that
+    # still hold the gloo group (the model's device mesh) were destroyed while gloo's threads ran, and a rank
+    # aborted now and then ("terminate called without an active exception"), with or without destroy_process_group.
+    import os
     import torch.distributed as dist
     dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
     """
 )
 
@@ -297,7 +302,7 @@ def launch_two_processes(argv, report):
     launcher.write_text(FSDP_ON_CPU)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(launcher), str(report), *argv]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}  # a crash shows its Python stack
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return json.loads(report.read_text())
