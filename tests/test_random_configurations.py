@@ -34,8 +34,9 @@ def random_configuration(seed):
     )
     settings = dict(retrieval_granularity=granularity, retrieval_positions=positions)
     longest = default_chunk_length(block_size, context_length, top_k) if positions == "stingy" else 3 * block_size
-    chunk_length = [None, 1, draw.randint(1, longest)][seed // len(SETTINGS) % 3]  # one position: the token and
-    if chunk_length is not None:  # its landmark are two chunks of a decoding step
+    # chunks of one position make a decoding step's token and landmark slot two chunks
+    chunk_length = [None, 1, draw.randint(1, longest)][seed // len(SETTINGS) % 3]
+    if chunk_length is not None:
         settings["prefill_chunk_length"] = chunk_length
     rows = [random_ids(1, draw.randint(1, 12 * block_size), seed=seed * 31 + i)[0] for i in range(draw.randint(1, 3))]
     width = max(len(row) for row in rows)
