@@ -9,9 +9,10 @@ import random
 import pytest
 import torch
 
-from landmark_llama.cache_landmark_llama import LandmarkRetrievalCache, default_chunk_length
+from landmark_llama.cache_landmark_llama import default_chunk_length
 from landmark_llama.modeling_landmark_llama import _CACHE_FIELD  # the cache's keyword in this transformers
-from tiny_models import PAD_ID, random_ids, tiny_landmark_model
+from test_retrieval_cache import full_cache, left_padded
+from tiny_models import PAD_ID, tiny_landmark_model
 
 SETTINGS = [(granularity, positions) for granularity in ("token", "chunk") for positions in ("stingy", "true")]
 
@@ -38,12 +39,8 @@ def random_configuration(seed):
     chunk_length = [None, 1, draw.randint(1, longest)][seed // len(SETTINGS) % 3]
     if chunk_length is not None:
         settings["prefill_chunk_length"] = chunk_length
-    rows = [random_ids(1, draw.randint(1, 12 * block_size), seed=seed * 31 + i)[0] for i in range(draw.randint(1, 3))]
-    width = max(len(row) for row in rows)
-    ids = torch.full((len(rows), width), PAD_ID)
-    mask = torch.zeros_like(ids)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row):], mask[i, width - len(row):] = row, 1
+    lengths = [draw.randint(1, 12 * block_size) for _ in range(draw.randint(1, 3))]
+    ids, mask, rows = left_padded(lengths, seed=seed * 31)
     return model, settings, rows, ids, mask, draw
 
 
@@ -65,17 +62,15 @@ def assert_same_generation(got, expected):
 def test_generation_paths_agree_on_random_configurations(seed):
     model, settings, rows, ids, mask, draw = random_configuration(seed)
     real = mask.bool()
-    full_retrieval = dict(retrieval_top_k=10**6, retrieval_positions="true")
     chunking = {key: settings[key] for key in settings.keys() & {"prefill_chunk_length"}}
     with torch.no_grad():
         training_form = model(ids, attention_mask=mask).logits
-        cache = LandmarkRetrievalCache(model.config, **full_retrieval, **chunking)
-        served = model(ids, attention_mask=mask, **{_CACHE_FIELD: cache}).logits
+        served = model(ids, attention_mask=mask, **{_CACHE_FIELD: full_cache(model, **chunking)}).logits
         torch.testing.assert_close(served[real], training_form[real], rtol=1e-4, atol=1e-4)
 
         if ids.shape[1] > 1:  # the prompt in two pieces continuing one cache equals it in one forward
             cut = draw.randint(1, ids.shape[1] - 1)
-            cache = LandmarkRetrievalCache(model.config, **full_retrieval, **chunking)
+            cache = full_cache(model, **chunking)
             first = model(ids[:, :cut], attention_mask=mask[:, :cut], **{_CACHE_FIELD: cache}).logits
             second = model(ids[:, cut:], attention_mask=mask, **{_CACHE_FIELD: cache}).logits
             torch.testing.assert_close(torch.cat([first, second], 1)[real], served[real], rtol=1e-4, atol=1e-4)
