@@ -221,3 +221,27 @@ def test_decoding_selection_on_cuda_equals_the_pytorch_selection(dtype, kv_heads
         assert torch.equal(fused.valid, expected.valid) and expected.valid.all()
         assert torch.equal(fused.blocks, expected.blocks)
         assert torch.equal(fused.starts, expected.starts)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("kv_heads, width", [(8, 192), (32, 64), (8, 2)])
+def test_chunk_selection_on_cuda_equals_the_pytorch_selection(dtype, kv_heads, width):
+    """Per-chunk selection at the real shape (32 query heads of 128, block 64, top-k 4, 3,000 blocks a row) on the
+    GPU, for a prefill chunk of the paper's 192 positions, a narrower one, and a decoding step: the compiled kernels
+    pick the blocks the PyTorch selection picks, for stingy and true positions, with one row's chunk partly padding."""
+    batch, q_heads, head_dim, block_size, capacity = 2, 32, 128, 64, 3000
+    generator = torch.Generator().manual_seed(kv_heads + width)
+    layer = _layer(batch, kv_heads, capacity, block_size, head_dim, generator, dtype, device="cuda")
+    start = torch.tensor([capacity - 2, capacity // 3], device="cuda") * block_size + 5
+    lengths = torch.tensor([width, max(width // 3, 1)], device="cuda")
+    chunk = ChunkPositions(start, lengths, capacity - 1, block_size - 1, torch.tensor(0, device="cuda"))
+    query = torch.randn(batch, q_heads, width, head_dim, generator=generator).to("cuda", dtype)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, device="cuda").float() / head_dim))
+    for positions in ("stingy", "true"):
+        settings = RetrievalSettings(4, "chunk", positions, 10, True, False)
+        expected = layer.retrieve(query, chunk, settings, inv_freq, head_dim ** -0.5)
+        fused = layer.retrieve(query, chunk, settings, inv_freq, head_dim ** -0.5, use_kernel=True)
+        assert torch.equal(fused.valid, expected.valid) and expected.valid.all()
+        assert torch.equal(fused.blocks, expected.blocks)
+        assert torch.equal(fused.starts, expected.starts)
