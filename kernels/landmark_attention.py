@@ -50,8 +50,9 @@ the next power of two in registers and masked on load/store: head_dim 80 and 96 
 any block_size from 2 to 128; any n_q <= n_k (incomplete last block, history not ending on a block
 boundary). A block size that is no power of two (the paper's 51) runs with each block in a slot of the
 next power of two: its regular tokens first, its landmark last, phantom positions between, which the
-kernels mask out like landmarks (BLOCK_TOKENS real positions in a slot of BLOCK_SIZE). The public function
-lays the tensors out so and back: 64/51 = 1.25x the positions for block 51. Lengths are not specialised
+kernels mask out like landmarks (BLOCK_TOKENS real positions in a slot of BLOCK_SIZE). Only the keys and values
+are laid out so (64/51 = 1.25x the key positions for block 51): the queries stay as they are, and the kernels
+find a query's slot from its position. Lengths are not specialised
 on (no recompilation when only lengths change); the autotuner keys on head_dim, block_size, the GQA
 group, the dtypes and the size in powers of two (key length, batch * q_heads), so a length tunes once per
 power of two (LANDMARK_ATTN_AUTOTUNE=0 takes the first valid config of each list instead, e.g. in tests). GPUs:
@@ -164,29 +165,49 @@ def _head(p, i_b, i_h, stride_b, stride_h):
 
 
 @triton.jit
+def _slot_of(p, BLOCK_SIZE: tl.constexpr, BLOCK_TOKENS: tl.constexpr):
+    """Key slot of real position p: blocks of BLOCK_TOKENS positions each take a slot of BLOCK_SIZE, regular tokens
+    first and the landmark last (the identity where the two are equal)."""
+    if BLOCK_TOKENS == BLOCK_SIZE:
+        return p
+    else:
+        offset = p % BLOCK_TOKENS
+        return p // BLOCK_TOKENS * BLOCK_SIZE + offset + (offset == BLOCK_TOKENS - 1).to(tl.int32) * (
+            BLOCK_SIZE - BLOCK_TOKENS)
+
+
+@triton.jit
+def _first_position_from(x, BLOCK_SIZE: tl.constexpr, BLOCK_TOKENS: tl.constexpr):
+    """The first real position whose slot is x or later (x >= 0)."""
+    if BLOCK_TOKENS == BLOCK_SIZE:
+        return x
+    else:
+        return x // BLOCK_SIZE * BLOCK_TOKENS + tl.minimum(x % BLOCK_SIZE, BLOCK_TOKENS - 1)
+
+
+@triton.jit
 def _query_tile(q, k, v, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_vb, stride_vh, n_q, n_k,
-                Q_HEADS: tl.constexpr, KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-                BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                q_start, Q_HEADS: tl.constexpr, KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+                BLOCK_SIZE: tl.constexpr, BLOCK_TOKENS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Where the program of a query-tile kernel (forward, dQ) works: grid (batch * q_heads, query tiles), the
     heaviest (last) query tiles first for all heads, so the causal tail does not straggle.
 
     Returns the (batch * q_heads) index, batch and query head, the tile's query rows o_i and their key
-    positions, the split of its key range ([0, n_lo) holds whole blocks earlier than the block of the tile's
+    slots, the split of its key range ([0, n_lo) holds whole blocks earlier than the block of the tile's
     first query: no masks; [n_lo, n_hi) is the diagonal: causal, own-block and bounds masks), the pointers to
     its key/value head and its [BLOCK_M, D_PAD] query tile.
     """
     i_bh = tl.program_id(0)
     i_m = tl.num_programs(1) - 1 - tl.program_id(1)
     i_b, i_h = i_bh // Q_HEADS, i_bh % Q_HEADS
-    n_off = n_k - n_q
     o_i = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    n_lo = (n_off + i_m * BLOCK_M) // BLOCK_SIZE * BLOCK_SIZE // BLOCK_N * BLOCK_N
-    n_hi = tl.minimum(n_off + (i_m + 1) * BLOCK_M, n_k)
+    n_lo = _slot_of(q_start + i_m * BLOCK_M, BLOCK_SIZE, BLOCK_TOKENS) // BLOCK_SIZE * BLOCK_SIZE // BLOCK_N * BLOCK_N
+    n_hi = tl.minimum(_slot_of(q_start + (i_m + 1) * BLOCK_M - 1, BLOCK_SIZE, BLOCK_TOKENS) + 1, n_k)
     i_hk = i_h // KV_GROUP
     p_k = _head(k, i_b, i_hk, stride_kb, stride_kh)
     p_v = _head(v, i_b, i_hk, stride_vb, stride_vh)
     b_q = _load_tile(_head(q, i_b, i_h, stride_qb, stride_qh), o_i, n_q, stride_qn, True, HEAD_DIM, D_PAD)
-    return i_bh, i_b, i_h, o_i, n_off + o_i, n_lo, n_hi, p_k, p_v, b_q
+    return i_bh, i_b, i_h, o_i, _slot_of(q_start + o_i, BLOCK_SIZE, BLOCK_TOKENS), n_lo, n_hi, p_k, p_v, b_q
 
 
 @triton.jit
@@ -291,21 +312,21 @@ def _fwd_step(b_acc, b_m, b_l, b_q, p_k, p_v, i_n, n_k, stride_kn, stride_vn, qk
     return b_acc, b_m_new, b_l * b_alpha + b_l_new
 
 
-@triton.jit(do_not_specialize=["n_q", "n_k", "tune_length", "tune_rows"])
+@triton.jit(do_not_specialize=["n_q", "n_k", "q_start", "tune_length", "tune_rows"])
 def _landmark_fwd_kernel(
     q, k, v, o, lse,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
-    n_q, n_k, qk_scale, tune_length, tune_rows,
+    n_q, n_k, q_start, qk_scale, tune_length, tune_rows,
     Q_HEADS: tl.constexpr, KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_TOKENS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     i_bh, i_b, i_h, o_i, o_pos, n_lo, n_hi, p_k, p_v, b_q = _query_tile(
-        q, k, v, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_vb, stride_vh, n_q, n_k, Q_HEADS,
-        KV_GROUP, HEAD_DIM, D_PAD, BLOCK_SIZE, BLOCK_M, BLOCK_N)
+        q, k, v, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_vb, stride_vh, n_q, n_k, q_start,
+        Q_HEADS, KV_GROUP, HEAD_DIM, D_PAD, BLOCK_SIZE, BLOCK_TOKENS, BLOCK_M, BLOCK_N)
     b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
@@ -384,7 +405,7 @@ def _bwd_weights(b_s, qk_scale, b_dp, b_lse, b_delta, o_pos, i_n, MASKED: tl.con
 
 
 @triton.jit
-def _dkdv_step(b_dkt, b_dvt, b_kt, b_vt, p_q, p_do, p_lse, p_delta, i_m, i_n, n_q, n_off, qk_scale, stride_qn,
+def _dkdv_step(b_dkt, b_dvt, b_kt, b_vt, p_q, p_do, p_lse, p_delta, i_m, i_n, n_q, q_start, qk_scale, stride_qn,
                stride_don, MASKED: tl.constexpr, MASK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
                BLOCK_SIZE: tl.constexpr, BLOCK_TOKENS: tl.constexpr, DOT_PRECISION: tl.constexpr,
                UPCAST_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -401,15 +422,16 @@ def _dkdv_step(b_dkt, b_dvt, b_kt, b_vt, p_q, p_do, p_lse, p_delta, i_m, i_n, n_
     # [BLOCK_M, BLOCK_N]
     b_s = _dot(b_q, b_kt, DOT_PRECISION, UPCAST_DOT)
     b_dp = _dot(b_do, b_vt, DOT_PRECISION, UPCAST_DOT)
-    b_w, b_ds = _bwd_weights(b_s, qk_scale, b_dp, b_lse, b_delta, n_off + o_i, i_n, MASKED, BLOCK_SIZE,
-                             BLOCK_TOKENS, BLOCK_M, BLOCK_N)
+    o_pos = _slot_of(q_start + o_i, BLOCK_SIZE, BLOCK_TOKENS)
+    b_w, b_ds = _bwd_weights(b_s, qk_scale, b_dp, b_lse, b_delta, o_pos, i_n, MASKED, BLOCK_SIZE, BLOCK_TOKENS,
+                             BLOCK_M, BLOCK_N)
     # [D_PAD, BLOCK_N]
     b_dvt += _dot(tl.trans(b_do), b_w.to(b_do.dtype), DOT_PRECISION, UPCAST_DOT)
     b_dkt += _dot(tl.trans(b_q), b_ds.to(b_q.dtype), DOT_PRECISION, UPCAST_DOT)
     return b_dkt, b_dvt
 
 
-@triton.jit(do_not_specialize=["n_q", "n_k", "tune_length", "tune_rows"])
+@triton.jit(do_not_specialize=["n_q", "n_k", "q_start", "tune_length", "tune_rows"])
 def _landmark_bwd_dkdv_kernel(
     q, k, v, do, lse, delta, dk, dv,
     stride_qb, stride_qh, stride_qn,
@@ -418,14 +440,13 @@ def _landmark_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_don,
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
-    n_q, n_k, qk_scale, sm_scale, tune_length, tune_rows,
+    n_q, n_k, q_start, qk_scale, sm_scale, tune_length, tune_rows,
     KV_HEADS: tl.constexpr, KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_TOKENS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     i_bh, i_n_tile = tl.program_id(0), tl.program_id(1)
     i_b, i_hk = i_bh // KV_HEADS, i_bh % KV_HEADS
-    n_off = n_k - n_q
     i_n = i_n_tile * BLOCK_N
 
     o_k = i_n + tl.arange(0, BLOCK_N)
@@ -440,9 +461,10 @@ def _landmark_bwd_dkdv_kernel(
 
     # query tiles: [i_lo, i_mid) see this key tile on their diagonal (masked path), [i_mid, n_q) only see
     # complete earlier blocks in it (fast path); queries before i_lo cannot see it (causality)
-    i_lo = tl.maximum(i_n - n_off, 0) // BLOCK_M * BLOCK_M
+    i_lo = tl.maximum(_first_position_from(i_n, BLOCK_SIZE, BLOCK_TOKENS) - q_start, 0) // BLOCK_M * BLOCK_M
     n_q_ceil = tl.cdiv(n_q, BLOCK_M) * BLOCK_M
-    i_mid = tl.minimum(tl.maximum(tl.cdiv(i_n + BLOCK_N - n_off, BLOCK_M) * BLOCK_M, i_lo), n_q_ceil)
+    i_after = _first_position_from(i_n + BLOCK_N, BLOCK_SIZE, BLOCK_TOKENS) - q_start
+    i_mid = tl.minimum(tl.maximum(tl.cdiv(i_after, BLOCK_M) * BLOCK_M, i_lo), n_q_ceil)
     i_full = n_q // BLOCK_M * BLOCK_M
     for i_g in range(KV_GROUP):
         i_h = i_hk * KV_GROUP + i_g
@@ -452,16 +474,16 @@ def _landmark_bwd_dkdv_kernel(
         p_lse = lse + i_bhq.to(tl.int64) * n_q
         p_delta = delta + i_bhq.to(tl.int64) * n_q
         for i_m in range(i_lo, i_mid, BLOCK_M):
-            b_dkt, b_dvt = _dkdv_step(b_dkt, b_dvt, b_kt, b_vt, p_q, p_do, p_lse, p_delta, i_m, i_n, n_q, n_off,
+            b_dkt, b_dvt = _dkdv_step(b_dkt, b_dvt, b_kt, b_vt, p_q, p_do, p_lse, p_delta, i_m, i_n, n_q, q_start,
                                       qk_scale, stride_qn, stride_don, True, True, HEAD_DIM, D_PAD, BLOCK_SIZE,
                                       BLOCK_TOKENS, DOT_PRECISION, UPCAST_DOT, BLOCK_M, BLOCK_N)
         for i_m in range(i_mid, i_full, BLOCK_M):
-            b_dkt, b_dvt = _dkdv_step(b_dkt, b_dvt, b_kt, b_vt, p_q, p_do, p_lse, p_delta, i_m, i_n, n_q, n_off,
+            b_dkt, b_dvt = _dkdv_step(b_dkt, b_dvt, b_kt, b_vt, p_q, p_do, p_lse, p_delta, i_m, i_n, n_q, q_start,
                                       qk_scale, stride_qn, stride_don, False, False, HEAD_DIM, D_PAD, BLOCK_SIZE,
                                       BLOCK_TOKENS, DOT_PRECISION, UPCAST_DOT, BLOCK_M, BLOCK_N)
         # the last, partial query tile (if it is not on the diagonal)
         for i_m in range(tl.maximum(i_full, i_mid), n_q, BLOCK_M):
-            b_dkt, b_dvt = _dkdv_step(b_dkt, b_dvt, b_kt, b_vt, p_q, p_do, p_lse, p_delta, i_m, i_n, n_q, n_off,
+            b_dkt, b_dvt = _dkdv_step(b_dkt, b_dvt, b_kt, b_vt, p_q, p_do, p_lse, p_delta, i_m, i_n, n_q, q_start,
                                       qk_scale, stride_qn, stride_don, False, True, HEAD_DIM, D_PAD, BLOCK_SIZE,
                                       BLOCK_TOKENS, DOT_PRECISION, UPCAST_DOT, BLOCK_M, BLOCK_N)
 
@@ -486,7 +508,7 @@ def _dq_step(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, i_n, n_k, stride_kn, str
     return b_dq + _dot(b_ds.to(b_k.dtype), b_k, DOT_PRECISION, UPCAST_DOT)
 
 
-@triton.jit(do_not_specialize=["n_q", "n_k", "tune_length", "tune_rows"])
+@triton.jit(do_not_specialize=["n_q", "n_k", "q_start", "tune_length", "tune_rows"])
 def _landmark_bwd_dq_kernel(
     q, k, v, do, lse, delta, dq,
     stride_qb, stride_qh, stride_qn,
@@ -494,14 +516,14 @@ def _landmark_bwd_dq_kernel(
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_don,
     stride_dqb, stride_dqh, stride_dqn,
-    n_q, n_k, qk_scale, sm_scale, tune_length, tune_rows,
+    n_q, n_k, q_start, qk_scale, sm_scale, tune_length, tune_rows,
     Q_HEADS: tl.constexpr, KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_TOKENS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     i_bh, i_b, i_h, o_i, o_pos, n_lo, n_hi, p_k, p_v, b_q = _query_tile(
-        q, k, v, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_vb, stride_vh, n_q, n_k, Q_HEADS,
-        KV_GROUP, HEAD_DIM, D_PAD, BLOCK_SIZE, BLOCK_M, BLOCK_N)
+        q, k, v, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_vb, stride_vh, n_q, n_k, q_start,
+        Q_HEADS, KV_GROUP, HEAD_DIM, D_PAD, BLOCK_SIZE, BLOCK_TOKENS, BLOCK_M, BLOCK_N)
     b_do = _load_tile(_head(do, i_b, i_h, stride_dob, stride_doh), o_i, n_q, stride_don, True, HEAD_DIM, D_PAD)
     # [BLOCK_M]
     b_lse, b_delta = _load_row_stats(lse + i_bh.to(tl.int64) * n_q, delta + i_bh.to(tl.int64) * n_q, o_i, n_q, True)
@@ -681,6 +703,17 @@ def _inner_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _query_start(n_q, n_k, block_size, block_tokens):
+    """Real position of the first query: the queries are the last n_q of the real positions whose keys fill the
+    n_k slots (the last slot holds the last position)."""
+    last = n_k - 1
+    n_real = last // block_size * block_tokens + min(last % block_size, block_tokens - 1) + 1
+    if n_real < n_q:
+        raise ValueError(f"landmark_attention: the {n_k} key slots hold {n_real} positions, fewer than the {n_q} "
+                         "queries; the queries are the last n_q positions, so pass the keys of all of them.")
+    return n_real - n_q
+
+
 def _dims(q, k):
     head_dim = q.shape[-1]
     d_pad = max(16, triton.next_power_of_2(head_dim))
@@ -694,7 +727,8 @@ def landmark_attn_fwd(q, k, v, block_size, sm_scale=None, block_tokens=None):
 
     q: [B, Hq, Tq, D]; k, v: [B, Hkv, Tk, D], laid out in blocks of `block_size` positions (a power of two) of
     which the first `block_tokens - 1` (default: all but the last) are regular keys and the last the landmark.
-    Returns o [B, Hq, Tq, D] (q's dtype; same memory layout as q
+    With block_tokens < block_size the keys are in slots and the queries are not: q holds the last Tq real
+    positions. Returns o [B, Hq, Tq, D] (q's dtype; same memory layout as q
     where q is dense) and lse [B, Hq, Tq] float32, the base-2 logsumexp of the rows' scaled scores
     (log2-sum-exp2 of sm_scale * log2(e) * q.k), which the backward needs.
     """
@@ -715,7 +749,7 @@ def landmark_attn_fwd(q, k, v, block_size, sm_scale=None, block_tokens=None):
 
     _launch(_landmark_fwd_kernel, _fwd_tuned, grid,
             (q, k, v, o, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], n_q, n_k,
-             sm_scale * _LOG2E),
+             _query_start(n_q, n_k, block_size, block_tokens), sm_scale * _LOG2E),
             **_tune_sizes(n_k, batch * q_heads),
             Q_HEADS=q_heads, KV_GROUP=kv_group, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size,
             BLOCK_TOKENS=block_tokens, DOT_PRECISION=precision, UPCAST_DOT=upcast)
@@ -746,13 +780,14 @@ def landmark_attn_bwd(do, q, k, v, o, lse, block_size, sm_scale=None, block_toke
         Q_HEADS=q_heads, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_M=pre_block, **COMPILE_OPTIONS)
 
     sizes = _tune_sizes(n_k, batch * q_heads)
+    q_start = _query_start(n_q, n_k, block_size, block_tokens)
 
     def grid_dkdv(meta):
         return (batch * kv_heads, triton.cdiv(n_k, meta["BLOCK_N"]))
 
     _launch(_landmark_bwd_dkdv_kernel, _dkdv_tuned, grid_dkdv,
             (q, k, v, do, lse, delta, dk, dv, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
-             *dk.stride()[:3], *dv.stride()[:3], n_q, n_k, sm_scale * _LOG2E, sm_scale),
+             *dk.stride()[:3], *dv.stride()[:3], n_q, n_k, q_start, sm_scale * _LOG2E, sm_scale),
             **sizes,
             KV_HEADS=kv_heads, KV_GROUP=kv_group, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size,
             BLOCK_TOKENS=block_tokens, DOT_PRECISION=precision, UPCAST_DOT=upcast)
@@ -762,7 +797,7 @@ def landmark_attn_bwd(do, q, k, v, o, lse, block_size, sm_scale=None, block_toke
 
     _launch(_landmark_bwd_dq_kernel, _dq_tuned, grid_dq,
             (q, k, v, do, lse, delta, dq, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
-             *dq.stride()[:3], n_q, n_k, sm_scale * _LOG2E, sm_scale),
+             *dq.stride()[:3], n_q, n_k, q_start, sm_scale * _LOG2E, sm_scale),
             **sizes,
             Q_HEADS=q_heads, KV_GROUP=kv_group, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size,
             BLOCK_TOKENS=block_tokens, DOT_PRECISION=precision, UPCAST_DOT=upcast)
@@ -799,7 +834,7 @@ def landmark_attention(q, k, v, block_size, sm_scale=None):
             j % block_size == block_size - 1. q_heads must be a multiple of kv_heads.
         block_size: positions per landmark block, landmark included, 2..128. A size that is no power of two runs
             with each block in a slot of the next power of two, phantom keys between its tokens and its landmark
-            masked out (51 in slots of 64: 1.25x the positions).
+            masked out (51 in slots of 64: 1.25x the key positions; the queries keep theirs).
         sm_scale: score scale, default 1 / sqrt(head_dim).
 
     Returns:
@@ -816,29 +851,22 @@ def landmark_attention(q, k, v, block_size, sm_scale=None):
     if slot_size == block_size:
         return LandmarkAttnFunction.apply(q, k, v, block_size, sm_scale)
     _check_inputs(q, k, v, slot_size, sm_scale, block_size)
-    n_q, n_k = q.shape[2], k.shape[2]
-    if n_q == 0:
+    if q.shape[2] == 0:
         return q.clone()
-    key_slots, n_key_slots, query_slots, n_query_slots = _phantom_layout(n_q, n_k, block_size, slot_size, q.device)
-    out = LandmarkAttnFunction.apply(_to_slots(q, query_slots, n_query_slots), _to_slots(k, key_slots, n_key_slots),
-                                     _to_slots(v, key_slots, n_key_slots), slot_size, sm_scale, block_size)
-    return out.index_select(2, query_slots)
+    key_slots, n_key_slots = _key_slots(k.shape[2], block_size, slot_size, q.device)
+    return LandmarkAttnFunction.apply(q, _to_slots(k, key_slots, n_key_slots), _to_slots(v, key_slots, n_key_slots),
+                                      slot_size, sm_scale, block_size)
 
 
-def _phantom_layout(n_q, n_k, block_size, slot_size, device):
-    """Where positions go when each block of `block_size` takes a slot of `slot_size`: its regular tokens first, its
-    landmark last, phantom positions between. Returns the slots of the n_k keys and their count, and those of the
-    last n_q (the queries) counted from the first query's slot, and their count."""
-
-    def slot(position):  # a Python int, so that the lengths need no device sync
-        offset = position % block_size
-        return position // block_size * slot_size + (slot_size - 1 if offset == block_size - 1 else offset)
-
+def _key_slots(n_k, block_size, slot_size, device):
+    """Where the n_k key positions go when each block of `block_size` takes a slot of `slot_size`: its regular tokens
+    first, its landmark last, phantom positions between. Returns the slots and their count (through the last key's)."""
     positions = torch.arange(n_k, device=device)
     offsets = positions % block_size
-    key_slots = positions // block_size * slot_size + torch.where(offsets == block_size - 1, slot_size - 1, offsets)
-    n_key_slots, first_query = slot(n_k - 1) + 1, slot(n_k - n_q)
-    return key_slots, n_key_slots, key_slots[n_k - n_q:] - first_query, n_key_slots - first_query
+    last = (n_k - 1) % block_size
+    n_key_slots = (n_k - 1) // block_size * slot_size + (slot_size - 1 if last == block_size - 1 else last) + 1
+    return positions // block_size * slot_size + torch.where(offsets == block_size - 1, slot_size - 1, offsets), \
+        n_key_slots
 
 
 def _to_slots(x, slots, length):

@@ -50,8 +50,8 @@ def compile_one(fn, dtype, head_dim, block_size, constants, num_warps, num_stage
         elif name.startswith("stride"):
             signature[name] = "i32"
             attrs[(index,)] = [["tt.divisibility", 16]]
-        elif name.startswith(("n_", "tune_")):
-            signature[name] = "i32"  # lengths and the autotuner's size buckets are never specialised on
+        elif name.startswith(("n_", "tune_")) or name == "q_start":
+            signature[name] = "i32"  # lengths, positions and the autotuner's size buckets are never specialised on
         elif name in ("qk_scale", "sm_scale"):
             signature[name] = "fp32"
         else:
