@@ -129,10 +129,10 @@ def main():
              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in results:
         key = (r["batch"], r["tokens"])
-        vs_stock = r["tokens_per_s"] / stock[key]["tokens_per_s"] if key in stock else float("nan")
-        vs_64 = r["step_s"] / block64[key]["step_s"] if key in block64 else float("nan")
+        vs_stock = f"{r['tokens_per_s'] / stock[key]['tokens_per_s']:.3f}x" if key in stock else "-"
+        vs_64 = f"{r['step_s'] / block64[key]['step_s']:.3f}x" if key in block64 else "-"
         lines.append(f"| {r['model']} | {r['batch']} x {r['tokens']} | {1e3 * r['step_s']:.1f} | "
-                     f"{r['tokens_per_s']:,.0f} | {vs_stock:.3f}x | {vs_64:.3f}x | {r['peak_gib']:.1f} |")
+                     f"{r['tokens_per_s']:,.0f} | {vs_stock} | {vs_64} | {r['peak_gib']:.1f} |")
     (args.out / "train_step.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
