@@ -5,6 +5,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from landmark_llama import LandmarkLlamaConfig, LandmarkLlamaForCausalLM
+from landmark_llama import modeling_landmark_llama as modeling
 from landmark_llama.modeling_landmark_llama import LandmarkLayout
 from tiny_models import LANDMARK_ID, PAD_ID, random_ids, tiny_landmark_config, tiny_landmark_model
 
@@ -186,3 +187,25 @@ def test_config_round_trip_keeps_landmark_fields(tmp_path):
     loaded = LandmarkLlamaConfig.from_pretrained(tmp_path)
     assert (loaded.block_size, loaded.retrieval_top_k, loaded.train_context_length) == (51, 5, 1024)
     assert loaded.num_key_value_heads == 2 and loaded.landmark_token_id == LANDMARK_ID
+
+
+@pytest.mark.parametrize("block_size, length", [(4, 23), (7, 40), (51, 130)])
+def test_training_form_on_the_kernel_matches_eager(block_size, length, monkeypatch):
+    """Loss, logits and every parameter's gradient of the training forward on the Triton kernel (under the
+    interpreter) against the eager path; block sizes that are no power of two run with their keys and values in
+    power-of-two slots and their queries in place."""
+    if modeling.landmark_triton_attention is None:
+        pytest.skip("Triton is not installed")
+    ids = random_ids(2, length)
+    results = []
+    for use_kernel in (False, True):
+        monkeypatch.setattr(modeling, "_use_triton", lambda config, device, head_dim, dropout: use_kernel)
+        model = tiny_landmark_model(block_size=block_size).train()
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        results.append((out.loss.detach(), out.logits.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (eager_loss, eager_logits, eager_grads), (loss, logits, grads) = results
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logits, eager_logits, rtol=1e-4, atol=1e-5)
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")

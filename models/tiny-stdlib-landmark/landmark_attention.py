@@ -178,11 +178,8 @@ def _slot_of(p, BLOCK_SIZE: tl.constexpr, BLOCK_TOKENS: tl.constexpr):
 
 @triton.jit
 def _first_position_from(x, BLOCK_SIZE: tl.constexpr, BLOCK_TOKENS: tl.constexpr):
-    """The first real position whose slot is x or later (x >= 0)."""
-    if BLOCK_TOKENS == BLOCK_SIZE:
-        return x
-    else:
-        return x // BLOCK_SIZE * BLOCK_TOKENS + tl.minimum(x % BLOCK_SIZE, BLOCK_TOKENS - 1)
+    """The first real position whose slot is x or later, for x at the start of a slot (a multiple of BLOCK_SIZE)."""
+    return x // BLOCK_SIZE * BLOCK_TOKENS
 
 
 @triton.jit
