@@ -194,54 +194,45 @@ def test_pass_of_several_chunks_selects_as_passes_of_one_chunk(positions, width,
         assert torch.equal(fused.starts[:, :, rows, :places][picked], expected.starts[picked])
 
 
+def _selection_on_cuda_equals_the_pytorch_selection(dtype, kv_heads, width, granularity, lengths):
+    """At the real shape (32 query heads of 128, block 64, top-k 4, 3,000 blocks a row) on the GPU, with `lengths`
+    real queries in the two rows' chunks of `width`: the compiled kernels pick the blocks the PyTorch selection picks,
+    for both stingy and true positions."""
+    batch, q_heads, head_dim, block_size, capacity = 2, 32, 128, 64, 3000
+    generator = torch.Generator().manual_seed(kv_heads + width)
+    layer = _layer(batch, kv_heads, capacity, block_size, head_dim, generator, dtype, device="cuda")
+    start = torch.tensor([capacity - 2, capacity // 3], device="cuda") * block_size + 5
+    chunk = ChunkPositions(start, torch.tensor(lengths, device="cuda"), capacity - 1, block_size - 1,
+                           torch.tensor(0, device="cuda"))
+    query = torch.randn(batch, q_heads, width, head_dim, generator=generator).to("cuda", dtype)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, device="cuda").float() / head_dim))
+    for positions in ("stingy", "true"):
+        settings = RetrievalSettings(4, granularity, positions, 10, True, False)
+        expected = layer.retrieve(query, chunk, settings, inv_freq, head_dim ** -0.5)
+        fused = layer.retrieve(query, chunk, settings, inv_freq, head_dim ** -0.5, use_kernel=True)
+        assert torch.equal(fused.valid, expected.valid) and expected.valid.all()
+        assert torch.equal(fused.blocks, expected.blocks)
+        assert torch.equal(fused.starts, expected.starts)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("kv_heads, width", [(8, 2), (32, 2), (8, 1)])
 @pytest.mark.parametrize("tensor_cores, programs", [(False, None), (True, 512)])
 def test_decoding_selection_on_cuda_equals_the_pytorch_selection(dtype, kv_heads, width, tensor_cores, programs,
                                                                  monkeypatch):
-    """A decoding step at the real shape (32 query heads of 128, block 64, top-k 4, 3,000 blocks a row) on the GPU,
-    with a group's heads scored together on the tensor cores (shipped for GQA; MHA scores one head's on the CUDA
-    cores either way) or one head's on the CUDA cores, a program a tile of blocks or programs looping over them: the
-    compiled kernels pick the blocks the PyTorch selection picks, for both stingy and true positions."""
+    """A decoding step with a group's heads scored together on the tensor cores (shipped for GQA; MHA scores one
+    head's on the CUDA cores either way) or one head's on the CUDA cores, a program a tile of blocks or programs
+    looping over them."""
     monkeypatch.setattr(block_selection, "DECODE_ON_TENSOR_CORES", tensor_cores)
     monkeypatch.setattr(block_selection, "DECODE_SCORE_PROGRAMS", programs)
-    batch, q_heads, head_dim, block_size, capacity = 2, 32, 128, 64, 3000
-    generator = torch.Generator().manual_seed(kv_heads + width)
-    layer = _layer(batch, kv_heads, capacity, block_size, head_dim, generator, dtype, device="cuda")
-    start = torch.tensor([capacity - 2, capacity // 3], device="cuda") * block_size + 5
-    chunk = ChunkPositions(start, torch.full((batch,), width, device="cuda"), capacity - 1, block_size - 1,
-                           torch.tensor(0, device="cuda"))
-    query = torch.randn(batch, q_heads, width, head_dim, generator=generator).to("cuda", dtype)
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, device="cuda").float() / head_dim))
-    for positions in ("stingy", "true"):
-        settings = RetrievalSettings(4, "token", positions, 10, True, False)
-        expected = layer.retrieve(query, chunk, settings, inv_freq, head_dim ** -0.5)
-        fused = layer.retrieve(query, chunk, settings, inv_freq, head_dim ** -0.5, use_kernel=True)
-        assert torch.equal(fused.valid, expected.valid) and expected.valid.all()
-        assert torch.equal(fused.blocks, expected.blocks)
-        assert torch.equal(fused.starts, expected.starts)
+    _selection_on_cuda_equals_the_pytorch_selection(dtype, kv_heads, width, "token", [width, width])
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("kv_heads, width", [(8, 192), (32, 64), (8, 2)])
 def test_chunk_selection_on_cuda_equals_the_pytorch_selection(dtype, kv_heads, width):
-    """Per-chunk selection at the real shape (32 query heads of 128, block 64, top-k 4, 3,000 blocks a row) on the
-    GPU, for a prefill chunk of the paper's 192 positions, a narrower one, and a decoding step: the compiled kernels
-    pick the blocks the PyTorch selection picks, for stingy and true positions, with one row's chunk partly padding."""
-    batch, q_heads, head_dim, block_size, capacity = 2, 32, 128, 64, 3000
-    generator = torch.Generator().manual_seed(kv_heads + width)
-    layer = _layer(batch, kv_heads, capacity, block_size, head_dim, generator, dtype, device="cuda")
-    start = torch.tensor([capacity - 2, capacity // 3], device="cuda") * block_size + 5
-    lengths = torch.tensor([width, max(width // 3, 1)], device="cuda")
-    chunk = ChunkPositions(start, lengths, capacity - 1, block_size - 1, torch.tensor(0, device="cuda"))
-    query = torch.randn(batch, q_heads, width, head_dim, generator=generator).to("cuda", dtype)
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, device="cuda").float() / head_dim))
-    for positions in ("stingy", "true"):
-        settings = RetrievalSettings(4, "chunk", positions, 10, True, False)
-        expected = layer.retrieve(query, chunk, settings, inv_freq, head_dim ** -0.5)
-        fused = layer.retrieve(query, chunk, settings, inv_freq, head_dim ** -0.5, use_kernel=True)
-        assert torch.equal(fused.valid, expected.valid) and expected.valid.all()
-        assert torch.equal(fused.blocks, expected.blocks)
-        assert torch.equal(fused.starts, expected.starts)
+    """Per-chunk selection for a prefill chunk of the paper's 192 positions, a narrower one, and a decoding step, with
+    one row's chunk partly padding."""
+    _selection_on_cuda_equals_the_pytorch_selection(dtype, kv_heads, width, "chunk", [width, max(width // 3, 1)])
