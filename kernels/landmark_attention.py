@@ -860,10 +860,10 @@ def _key_slots(n_k, block_size, slot_size, device):
     first, its landmark last, phantom positions between. Returns the slots and their count (through the last key's)."""
     positions = torch.arange(n_k, device=device)
     offsets = positions % block_size
-    last = (n_k - 1) % block_size
+    slots = positions // block_size * slot_size + torch.where(offsets == block_size - 1, slot_size - 1, offsets)
+    last = (n_k - 1) % block_size  # the count from Python ints: no device sync
     n_key_slots = (n_k - 1) // block_size * slot_size + (slot_size - 1 if last == block_size - 1 else last) + 1
-    return positions // block_size * slot_size + torch.where(offsets == block_size - 1, slot_size - 1, offsets), \
-        n_key_slots
+    return slots, n_key_slots
 
 
 def _to_slots(x, slots, length):
