@@ -23,6 +23,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -269,7 +270,7 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("benchmarks/attention.py needs a CUDA GPU")
     torch.manual_seed(0)
-    command = "python benchmarks/attention.py " + " ".join(sys.argv[1:])
+    command = shlex.join(["python", *sys.argv])
     results = run(args.shapes)
     write(results, args.out, command)
     if args.host_profile:

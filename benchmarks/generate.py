@@ -29,6 +29,7 @@ import datetime
 import gc
 import json
 import resource
+import shlex
 import statistics
 import sys
 import time
@@ -124,7 +125,7 @@ def run(args):
     rows = json.loads(record.read_text())["rows"] if record.exists() else []
     meta = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
             "versions": f"torch {torch.__version__}, transformers {transformers.__version__}",
-            "command": "python benchmarks/generate.py " + " ".join(sys.argv[1:])}
+            "command": shlex.join(["python", *sys.argv])}
     stock, landmark, own_bytes = build_models(args.shape)
     models = {"stock-dynamic": stock, "stock-static": stock, "landmark": landmark, "landmark-offload": landmark}
     vocab = SHAPES[args.shape]["vocab_size"]

@@ -15,7 +15,8 @@
 #          -> OUT_DIR/sweep/tile_sweep.json, OUT_DIR/sweep.log                      (about 1.5 min)
 #   train  benchmarks/train_step.py: a training step of the Llama 3.2 1B shape, stock Llama (SDPA) against
 #          landmark-llama at block 64 and 51, at 16x512, 4x2k, 1x8k; options (--profile, --shapes, --models) in
-#          $TRAIN_OPTIONS -> OUT_DIR/train/, OUT_DIR/train.log                  (about 3 min)
+#          $TRAIN_OPTIONS, as shell words (TRAIN_OPTIONS="--models stock 'landmark, block 64'")
+#          -> OUT_DIR/train/, OUT_DIR/train.log                                    (about 3 min)
 #   decode_kernels  benchmarks/inference_kernels.py --decode: a decoding step's selection and attention kernels in
 #          every candidate launch setting, at $DECODE_PROMPTS (default 32768 131072 524288) with $DECODE_KV_HEADS
 #          (default 8) key/value heads -> OUT_DIR/decode_kernels/<prompt>/decode_kernels.json    (about 1 min each)
@@ -79,8 +80,9 @@ for step in $steps; do
                    || status=1 ;;
         sweep) timeout 240 python benchmarks/tile_sweep.py --out "$out_dir/sweep" ${SWEEP_OPTIONS:-} 2>&1 \
                    | tee "$out_dir/sweep.log" || status=1 ;;
-        train) timeout 420 python benchmarks/train_step.py --out "$out_dir/train" ${TRAIN_OPTIONS:-} 2>&1 | tee "$out_dir/train.log" \
-                   || status=1 ;;
+        train) eval "train_options=(${TRAIN_OPTIONS:-})"  # shell words, so that a model name can be quoted
+               timeout 420 python benchmarks/train_step.py --out "$out_dir/train" "${train_options[@]}" 2>&1 \
+                   | tee "$out_dir/train.log" || status=1 ;;
         tiny) { timeout 480 bash train/recipes/tiny_stdlib.sh "$out_dir/tiny" --time_limit 400 ${TINY_OPTIONS:-} && \
                 timeout 100 python -m landmark_llama.tools.passkey --model "$out_dir/tiny/tiny-stdlib-landmark" \
                     --baseline "$out_dir/tiny/tiny-stdlib-stock" --baseline_lengths 512 1024 2048 4096 \

@@ -16,6 +16,7 @@ Writes OUT_DIR/prefill_kernels.json or OUT_DIR/decode_kernels.json.
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -223,7 +224,7 @@ def main():
                                          results)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, prompt=args.prompt, width=args.width,
-                kv_heads=args.kv_heads, command=" ".join(sys.argv))
+                kv_heads=args.kv_heads, command=shlex.join(["python", *sys.argv]))
     name = "decode_kernels.json" if args.decode else "prefill_kernels.json"
     (args.out / name).write_text(json.dumps(dict(meta=meta, results=results), indent=1))
 

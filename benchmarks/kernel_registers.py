@@ -12,6 +12,7 @@ it takes.
 import argparse
 import json
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -82,7 +83,7 @@ def main():
                              programs_per_sm=programs_per_multiprocessor(registers, num_warps, shared)))
             print(json.dumps(rows[-1]), flush=True)
     meta = dict(target="sm_90a", triton=triton.__version__, date=datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-                command="python benchmarks/kernel_registers.py " + " ".join(sys.argv[1:]))
+                command=shlex.join(["python", *sys.argv]))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "kernel_registers.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
     lines = [f"# Inference kernels on sm_90, from ptxas (Triton {meta['triton']}, {meta['date']})", "",

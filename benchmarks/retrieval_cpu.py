@@ -21,6 +21,7 @@ import datetime
 import json
 import platform
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -112,7 +113,7 @@ def main():
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "versions": f"torch {torch.__version__}, transformers {transformers.__version__}",
-        "command": "python benchmarks/retrieval_cpu.py " + " ".join(sys.argv[1:]),
+        "command": shlex.join(["python", *sys.argv]),
     }
     (out / "retrieval_cpu.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [f"# Long-prompt generation on CPU ({meta['date']})", "",

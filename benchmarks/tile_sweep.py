@@ -12,6 +12,7 @@ backward as fwd+bwd minus fwd). Writes OUT_DIR/tile_sweep.json.
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -110,7 +111,7 @@ def main():
             for row in sweep(*map(int, shape.split("x")), kv_heads, args.head_dim)]
     args.out.mkdir(parents=True, exist_ok=True)
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                command="python benchmarks/tile_sweep.py " + " ".join(sys.argv[1:]))
+                command=shlex.join(["python", *sys.argv]))
     (args.out / "tile_sweep.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
 
 

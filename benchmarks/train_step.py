@@ -17,6 +17,7 @@ import argparse
 import datetime
 import gc
 import json
+import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -119,7 +120,7 @@ def main():
         torch.cuda.empty_cache()
 
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, transformers=transformers.__version__,
-                date=datetime.date.today().isoformat(), command=" ".join(["python", *sys.argv]))
+                date=datetime.date.today().isoformat(), command=shlex.join(["python", *sys.argv]))
     (args.out / "train_step.json").write_text(json.dumps(dict(meta, results=results), indent=1) + "\n")
     stock = {(r["batch"], r["tokens"]): r for r in results if r["model"] == "stock"}
     block64 = {(r["batch"], r["tokens"]): r for r in results if r["model"] == "landmark, block 64"}
