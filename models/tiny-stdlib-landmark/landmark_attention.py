@@ -858,12 +858,14 @@ def landmark_attention(q, k, v, block_size, sm_scale=None):
 def _key_slots(n_k, block_size, slot_size, device):
     """Where the n_k key positions go when each block of `block_size` takes a slot of `slot_size`: its regular tokens
     first, its landmark last, phantom positions between. Returns the slots and their count (through the last key's)."""
-    positions = torch.arange(n_k, device=device)
-    offsets = positions % block_size
-    slots = positions // block_size * slot_size + torch.where(offsets == block_size - 1, slot_size - 1, offsets)
-    last = (n_k - 1) % block_size  # the count from Python ints: no device sync
-    n_key_slots = (n_k - 1) // block_size * slot_size + (slot_size - 1 if last == block_size - 1 else last) + 1
-    return slots, n_key_slots
+    # the count from a Python int, so that it needs no device sync
+    return _slot(torch.arange(n_k, device=device), block_size, slot_size), _slot(n_k - 1, block_size, slot_size) + 1
+
+
+def _slot(position, block_size, slot_size):
+    """`_slot_of` on the host: the slot of a position (a Python int or a tensor of them)."""
+    offset = position % block_size
+    return position // block_size * slot_size + offset + (offset == block_size - 1) * (slot_size - block_size)
 
 
 def _to_slots(x, slots, length):
